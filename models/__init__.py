@@ -1,0 +1,28 @@
+"""Built-in generative models, each a Pyro program following the model contract.
+
+Every model is a ``pyro.nn.PyroModule`` with ``model(x, y=None)`` and
+``guide(x, y=None)``, per-datapoint sites inside ``pyro.plate("data", B)``,
+latent site ``"z"`` and observed site ``"x"``, and the uniform constructor
+
+    Model(x_dim, z_dim=16, *, y_dim=0, hidden=(256,), likelihood=...,
+          n_levels=None, scale=None, y_kind=None)
+
+``REGISTRY`` maps the CLI names to the classes; ``DESCRIPTIONS`` gives one line each.
+"""
+
+from ppl_genmodels.models.cvae import CVAE
+from ppl_genmodels.models.ppca import PPCA
+from ppl_genmodels.models.vae import VAE
+
+__all__ = ["VAE", "CVAE", "PPCA", "REGISTRY", "DESCRIPTIONS"]
+
+REGISTRY = {"vae": VAE, "cvae": CVAE, "ppca": PPCA}
+
+DESCRIPTIONS = {
+    "vae": "Variational autoencoder: N(0, I) prior, MLP encoder/decoder, "
+    "Bernoulli/Gaussian/categorical likelihood (Kingma & Welling 2014).",
+    "cvae": "Conditional VAE for p(x | y): prior, recognition and generation "
+    "networks all conditioned on y (Sohn, Lee & Yan 2015).",
+    "ppca": "Probabilistic PCA, linear-Gaussian with exact log p(x) and p(z | x) "
+    "(Tipping & Bishop 1999).",
+}

@@ -1,0 +1,186 @@
+"""Variational autoencoder (Kingma & Welling 2014; Rezende, Mohamed & Wierstra 2014).
+
+Generative model, for a datapoint x in R^D (or {0,1}^D, or {0..L-1}^D):
+
+    z ~ N(0, I_Z)                              prior, z in R^Z
+    x | z ~ p_theta(x | z) = prod_d p(x_d | decoder(z)_d)
+
+Amortized posterior (the "encoder"), a diagonal Gaussian:
+
+    q_phi(z | x) = N(z; mu_phi(x), diag(sigma_phi(x)^2)),
+    [mu, r] = encoder(x),  sigma = softplus(r) + 1e-4.
+
+The likelihood head (shared with the conditional VAE in ``cvae.py``) maps the
+decoder output to one of
+
+- ``"bernoulli"``:   x_d ~ Bernoulli(logits = out_d)                (binary data)
+- ``"gaussian"``:    x_d ~ N(out_d, s_d^2), s fixed (``scale``) or learned per
+                     dimension (``log_scale`` parameter, initialised at 0)
+- ``"categorical"``: x_d ~ Categorical(logits = out[d, :]) over ``n_levels``
+                     levels; x holds the integer levels as floats.
+
+Shapes: everything acts on the last dimension, so the model broadcasts over
+extra leading dimensions of z (e.g. z [particles, batch, Z] drawn from the
+guide under an outer ``pyro.plate("particles", K, dim=-2)``) against the
+observed x [batch, D].
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.nn import PyroModule
+from torch import nn
+
+from ppl_genmodels.nets import MLP, check_dims
+
+__all__ = ["VAE", "LikelihoodHead", "LIKELIHOODS", "diag_normal_params", "check_common"]
+
+LIKELIHOODS = ("bernoulli", "gaussian", "categorical")
+
+#: lower bound added to every softplus scale (the guide's parameterisation)
+MIN_SCALE = 1e-4
+
+
+def diag_normal_params(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``out`` [..., 2Z] into (loc, scale) with scale = softplus(raw) + 1e-4."""
+    loc, raw = out.chunk(2, dim=-1)
+    return loc, F.softplus(raw) + MIN_SCALE
+
+
+def check_common(x_dim, z_dim, y_dim, hidden) -> tuple[int, ...]:
+    """Validate the dimensions shared by all built-in models; return ``hidden`` as a tuple."""
+    check_dims(x_dim=x_dim, z_dim=z_dim)
+    try:
+        if operator.index(y_dim) < 0:
+            raise TypeError
+    except TypeError:
+        raise ValueError(f"y_dim must be a non-negative integer, got {y_dim!r}") from None
+    if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
+        raise ValueError(f"hidden must be a sequence of layer widths, got {hidden!r}")
+    for h in hidden:
+        check_dims(hidden=h)
+    return tuple(int(h) for h in hidden)
+
+
+class LikelihoodHead(nn.Module):
+    """Turns decoder outputs into the observation distribution p(x | decoder output).
+
+    ``out_dim`` is the width the decoder must produce; ``forward(out)`` returns a
+    distribution with event shape [D] and batch shape ``out.shape[:-1]``.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        likelihood: str = "bernoulli",
+        n_levels: int | None = None,
+        scale: float | None = None,
+    ):
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(
+                f"unknown likelihood {likelihood!r}; expected one of {', '.join(LIKELIHOODS)}"
+            )
+        self.x_dim = int(x_dim)
+        self.likelihood = likelihood
+        self.n_levels = None
+        self.out_dim = self.x_dim
+        self.register_parameter("log_scale", None)  # set below for a learned Gaussian scale
+        if likelihood == "categorical":
+            if n_levels is None:
+                raise ValueError("likelihood 'categorical' needs n_levels (number of levels)")
+            try:
+                ok = not isinstance(n_levels, bool) and operator.index(n_levels) >= 2
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"n_levels must be an integer >= 2, got {n_levels!r}")
+            self.n_levels = int(n_levels)
+            self.out_dim = self.x_dim * self.n_levels
+        elif likelihood == "gaussian":
+            if scale is None:
+                self.log_scale = nn.Parameter(torch.zeros(self.x_dim))
+            else:
+                scale = float(scale)
+                if not scale > 0 or scale == float("inf"):
+                    raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+                self.register_buffer("fixed_scale", torch.tensor(scale))
+
+    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
+        if self.likelihood == "bernoulli":
+            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
+        if self.likelihood == "gaussian":
+            s = self.fixed_scale if self.log_scale is None else self.log_scale.exp()
+            return dist.Normal(out, s, validate_args=False).to_event(1)
+        logits = out.unflatten(-1, (self.x_dim, self.n_levels))  # [..., D, L], a view
+        # Categorical.log_prob casts the (float) observed levels with .long() itself.
+        return dist.Categorical(logits=logits, validate_args=False).to_event(1)
+
+    def sample_as_data(self, p: dist.TorchDistribution, dtype: torch.dtype) -> torch.Tensor:
+        """Draw x ~ p in the data convention: a float tensor (levels as floats)."""
+        return p.sample().to(dtype)
+
+
+class VAE(PyroModule):
+    """VAE with an MLP encoder/decoder and a Bernoulli, Gaussian or categorical likelihood.
+
+    ``y`` is accepted (contract) and ignored: the model is unconditional.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dim: int = 16,
+        *,
+        y_dim: int = 0,
+        hidden: Sequence[int] = (256,),
+        likelihood: str = "bernoulli",
+        n_levels: int | None = None,
+        scale: float | None = None,
+        y_kind: str | None = None,
+    ):
+        super().__init__()
+        hidden = check_common(x_dim, z_dim, y_dim, hidden)
+        self.x_dim, self.z_dim = int(x_dim), int(z_dim)
+        self.head = LikelihoodHead(x_dim, likelihood, n_levels, scale)
+        self.encoder = MLP(self.x_dim, hidden, 2 * self.z_dim)
+        self.decoder = MLP(self.z_dim, hidden[::-1], self.head.out_dim)
+        self.config = {
+            "x_dim": self.x_dim,
+            "z_dim": self.z_dim,
+            "y_dim": int(y_dim),
+            "hidden": list(hidden),
+            "likelihood": likelihood,
+            "n_levels": self.head.n_levels,
+            "scale": None if scale is None else float(scale),
+            "y_kind": y_kind,
+        }
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> dist.TorchDistribution:
+        """p(x | z) for z [..., Z]: batch shape [...], event shape [D]."""
+        return self.head(self.decoder(z))
+
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        with pyro.plate("data", x.shape[0], dim=-1, device=x.device):
+            prior = dist.Normal(x.new_zeros(self.z_dim), x.new_ones(self.z_dim)).to_event(1)
+            z = pyro.sample("z", prior)  # [B, Z] or [K, B, Z]
+            pyro.sample("x", self.decode(z), obs=x)
+
+    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        with pyro.plate("data", x.shape[0], dim=-1, device=x.device):
+            loc, scale = diag_normal_params(self.encoder(x))  # [B, Z] each
+            pyro.sample("z", dist.Normal(loc, scale, validate_args=False).to_event(1))
+
+    @torch.no_grad()
+    def sample_data(self, n: int, y: torch.Tensor | None = None):
+        """Draw ``n`` datapoints from the model: returns ``(x [n, D], {"z": z [n, Z]})``."""
+        p = next(self.parameters())
+        z = torch.randn(n, self.z_dim, device=p.device, dtype=p.dtype)
+        x = self.head.sample_as_data(self.decode(z), p.dtype)
+        return x, {"z": z}

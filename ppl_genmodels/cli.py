@@ -1,0 +1,179 @@
+"""The ``ppl-genmodels`` command line: a thin layer over the Python API.
+
+Each subcommand parses its options, calls the API and prints the resulting
+table. Bad input ends with a one-line ``error: ...`` on stderr and exit status 2
+(1 when training diverged), before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one layer size")
+    return values
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "off") else int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ppl-genmodels", description="Deep latent-variable generative models as Pyro programs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="train a model with SVI and evaluate it")
+    fit.add_argument("--model", default="vae", help="vae, cvae, ppca, or path/to/file.py:ClassName (default vae)")
+    fit.add_argument("--data", default="digits", help="digits, mnist, circle, moons, swiss-roll, or a .npy/.npz/.csv file (default digits)")
+    fit.add_argument("--data-dir", help="folder with the MNIST IDX files (for --data mnist)")
+    fit.add_argument("--out", help="run directory (default runs/<data>-<model>); never overwritten")
+    fit.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    fit.add_argument("--likelihood", choices=["bernoulli", "gaussian", "categorical"], help="observation model (default: the dataset's)")
+    fit.add_argument("--binarize", choices=["dynamic", "fixed", "threshold"], help="binarization for a Bernoulli likelihood")
+    fit.add_argument("--condition", choices=["label", "quadrants"], help="conditioning information y for a conditional model")
+    fit.add_argument("--visible-quadrants", type=int, default=1, help="visible quadrants for --condition quadrants (1-3)")
+    fit.add_argument("--z-dim", type=int, help="latent dimension (default 2 for 2-D data, else 16)")
+    fit.add_argument("--hidden", type=_int_list, help="hidden layer sizes, e.g. 400 or 256,256")
+    fit.add_argument("--scale", type=float, help="fixed Gaussian observation scale (default: learned)")
+    fit.add_argument("--model-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                     help="extra constructor argument for the model (JSON value), repeatable")
+    fit.add_argument("--elbo", choices=["trace", "meanfield", "iwae"], default="trace", help="training objective (default trace)")
+    fit.add_argument("--particles", type=int, default=1, help="particles per datapoint for the objective (K of IWAE-K)")
+    fit.add_argument("--optimizer", choices=["adam", "adamw", "sgd", "rmsprop"], default="adam")
+    fit.add_argument("--lr", type=float, default=1e-3)
+    fit.add_argument("--batch-size", type=int, default=128)
+    fit.add_argument("--epochs", type=int, default=50)
+    fit.add_argument("--patience", type=_optional_int, default=10, help="early-stopping patience in epochs; 0 or none disables")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    fit.add_argument("--eval-k", type=int, default=100, help="particles of the IWAE-k test estimate (default 100)")
+    fit.add_argument("--n-samples", type=int, help="number of points for synthetic 2-D data (default 2000)")
+    fit.add_argument("--noise", type=float, help="noise level for synthetic 2-D data")
+    fit.add_argument("--max-examples", type=int, help="cap every split at this many examples (quick runs)")
+    fit.add_argument("--no-plots", action="store_true", help="skip the figures")
+    fit.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sample = sub.add_parser("sample", help="draw samples from a trained run and write a PNG")
+    sample.add_argument("run", help="run directory")
+    sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    sample.add_argument("--out", help="PNG path (default RUN/plots/samples_N.png)")
+    sample.add_argument("--label", type=int, help="class to generate (conditional models on labels)")
+    sample.add_argument("--seed", type=int, help="random seed")
+
+    evaluate = sub.add_parser("evaluate", help="ELBO and IWAE-k estimates of log p(x) per datapoint")
+    evaluate.add_argument("run", help="run directory")
+    evaluate.add_argument("--k", type=int, default=100, help="importance samples per datapoint (default 100)")
+    evaluate.add_argument("--split", choices=["train", "val", "test"], default="test")
+    evaluate.add_argument("--n", type=int, help="evaluate only the first N datapoints of the split")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser("models", help="list the built-in models")
+    sub.add_parser("datasets", help="list the built-in datasets")
+    return parser
+
+
+FIT_OPTIONS = ["data_dir", "likelihood", "binarize", "condition", "visible_quadrants", "z_dim", "hidden", "scale", "elbo",
+               "particles", "optimizer", "lr", "batch_size", "epochs", "patience", "seed", "device", "eval_k", "n_samples",
+               "noise", "max_examples"]
+
+
+def _fit(args) -> int:
+    from ppl_genmodels.train import fit
+
+    if args.resume:
+        options = {"epochs": args.epochs, "patience": args.patience}
+        if args.device != "auto":
+            options["device"] = args.device
+        run = fit(out=args.out, resume=True, progress=not args.quiet, plots=not args.no_plots, **options)
+    else:
+        options = {name: getattr(args, name) for name in FIT_OPTIONS}
+        options["model_args"] = dict(args.model_arg)
+        run = fit(args.model, args.data, args.out, progress=not args.quiet, plots=not args.no_plots, **options)
+    summary = run.summary()
+    print(f"run directory: {run.path}  (best epoch {run.epoch}; metrics.csv, checkpoint.pt, best.pt, evaluation/, plots/)")
+    if summary is not None:
+        print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
+def _sample(args) -> int:
+    from ppl_genmodels.evaluation import sample_run
+    from ppl_genmodels.runs import load_run
+
+    path = sample_run(load_run(args.run), args.n, args.out, label=args.label, seed=args.seed)
+    print(f"wrote {path}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from ppl_genmodels.evaluation import evaluate_run
+    from ppl_genmodels.runs import load_run
+
+    summary, _ = evaluate_run(load_run(args.run), k=args.k, split=args.split, n=args.n, progress=not args.quiet)
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"per-datapoint estimates: {args.run}/evaluation/per_datapoint.csv")
+    return 0
+
+
+def _list(table: dict, header: str) -> int:
+    width = max(len(k) for k in table)
+    print(f"{header:<{width}}  description")
+    for name, text in table.items():
+        print(f"{name:<{width}}  {text}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from ppl_genmodels.checkpoint import CheckpointError
+    from ppl_genmodels.data import DataError
+    from ppl_genmodels.runs import ConfigError
+    from ppl_genmodels.traces import TraceError
+    from ppl_genmodels.train import TrainingDiverged
+
+    try:
+        if args.command == "fit":
+            return _fit(args)
+        if args.command == "sample":
+            return _sample(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
+        if args.command == "models":
+            from ppl_genmodels.models import DESCRIPTIONS
+
+            return _list(DESCRIPTIONS, "model")
+        if args.command == "datasets":
+            from ppl_genmodels.data import DATASETS
+
+            return _list(DATASETS, "dataset")
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (DataError, ConfigError, TraceError, CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,403 @@
+"""Figures for a training run.
+
+Every plotting function takes plain numpy arrays or pandas DataFrames (torch
+tensors are accepted too and converted with ``np.asarray(t.detach().cpu())``),
+writes a PNG file to ``path`` and returns that path as a :class:`pathlib.Path`.
+
+* Parent directories are created as needed.
+* The file is written atomically: the PNG is rendered in memory, written to a
+  temporary file in the destination directory and moved into place with
+  :func:`os.replace`, so a reader never sees a half-written image.
+* Figures are built with :class:`matplotlib.figure.Figure` on an Agg canvas,
+  never through ``pyplot``: importing or using this module needs no display
+  and does not touch the user's global pyplot state.
+* Nothing is printed.
+
+Functions
+---------
+plot_metrics               ELBO curves (train / validation) per epoch.
+image_grid                 grey-level images tiled into a grid.
+plot_reconstructions       originals above their reconstructions.
+assemble_quadrant_images   put visible / predicted pixel values back into images.
+plot_density_2d            learned 2-D density next to the data and true manifold.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = [
+    "plot_metrics",
+    "image_grid",
+    "plot_reconstructions",
+    "assemble_quadrant_images",
+    "plot_density_2d",
+    "plot_points_2d",
+]
+
+DPI = 100
+_GRID_PAD = 1  # pixels between tiles of an image grid
+_RECON_MAX_COLS = 10  # images per row in plot_reconstructions
+_NAN_RGB = (0.75, 0.85, 1.0)  # colour of NaN (e.g. unobserved) pixels in image plots
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def _to_numpy(a) -> np.ndarray:
+    """Convert a numpy array, torch tensor or array-like to a numpy array."""
+    if hasattr(a, "detach") and hasattr(a, "cpu"):
+        return np.asarray(a.detach().cpu())
+    return np.asarray(a)
+
+
+def _new_figure(figsize) -> Figure:
+    fig = Figure(figsize=figsize, dpi=DPI, layout="tight")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path) -> Path:
+    """Render ``fig`` as PNG and write it atomically to ``path``; release the figure."""
+    path = Path(path)
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=DPI)
+    finally:
+        fig.clear()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _as_image_stack(images, name: str) -> np.ndarray:
+    """Return images as a float array [n, H, W] ([H, W] and [n, 1, H, W] are accepted)."""
+    arr = _to_numpy(images).astype(float)
+    if arr.ndim == 2:
+        arr = arr[None]
+    elif arr.ndim == 4 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 3:
+        raise ValueError(f"{name} must have shape [n, H, W], got {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    return arr
+
+
+def _mosaic(images: np.ndarray, ncols: int, pad: int = _GRID_PAD):
+    """Tile [n, H, W] images into one 2-D array, ``ncols`` per row.
+
+    Returns ``(mosaic, is_pad)``; ``is_pad`` marks what is not an image pixel:
+    the gaps between tiles and the unused tiles of a short last row.
+    """
+    n, h, w = images.shape
+    nrows = math.ceil(n / ncols)
+    shape = (nrows * (h + pad) - pad, ncols * (w + pad) - pad)
+    out = np.zeros(shape)
+    is_pad = np.ones(shape, dtype=bool)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncols)
+        tile = (slice(r * (h + pad), r * (h + pad) + h), slice(c * (w + pad), c * (w + pad) + w))
+        out[tile] = img
+        is_pad[tile] = False
+    return out, is_pad
+
+
+def _grey_rgb(images: np.ndarray, ncols: int, vmin: float, vmax: float) -> np.ndarray:
+    """Tile images and map them to RGB: grey levels, NaN pixels light blue, padding white."""
+    mosaic, is_pad = _mosaic(images, ncols)
+    span = vmax - vmin if vmax > vmin else 1.0
+    grey = np.clip((mosaic - vmin) / span, 0.0, 1.0)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    rgb[np.isnan(mosaic)] = _NAN_RGB
+    rgb[is_pad] = 1.0
+    return rgb
+
+
+def _value_range(arrays, vmin, vmax):
+    """Default colour range: finite min..max over all arrays (given limits win)."""
+    finite = np.concatenate([a[np.isfinite(a)].ravel() for a in arrays])
+    if vmin is None:
+        vmin = float(finite.min()) if finite.size else 0.0
+    if vmax is None:
+        vmax = float(finite.max()) if finite.size else 1.0
+    return vmin, vmax
+
+
+def _hide_ticks(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+# ---------------------------------------------------------------------------
+# training curves
+# ---------------------------------------------------------------------------
+
+
+def plot_metrics(metrics: pd.DataFrame, path) -> Path:
+    """Plot train / validation ELBO per epoch and mark the best validation epoch.
+
+    ``metrics`` needs columns ``epoch``, ``train_elbo`` and ``val_elbo`` (nats per
+    datapoint). ``val_elbo`` may contain NaN (epochs without validation); the
+    validation curve connects the epochs where it was evaluated.
+    """
+    missing = {"epoch", "train_elbo", "val_elbo"} - set(metrics.columns)
+    if missing:
+        raise ValueError(f"metrics is missing column(s): {', '.join(sorted(missing))}")
+    epoch = pd.to_numeric(metrics["epoch"]).to_numpy(dtype=float)
+    train = pd.to_numeric(metrics["train_elbo"]).to_numpy(dtype=float)
+    val = pd.to_numeric(metrics["val_elbo"]).to_numpy(dtype=float)
+
+    fig = _new_figure((7, 4.5))
+    ax = fig.add_subplot()
+    ax.plot(epoch, train, label="train ELBO", color="tab:blue")
+    has_val = np.isfinite(val)
+    if has_val.any():
+        ax.plot(epoch[has_val], val[has_val], "o-", ms=3, label="validation ELBO",
+                color="tab:orange")
+        best = int(np.argmax(np.where(has_val, val, -np.inf)))
+        ax.axvline(epoch[best], color="tab:green", ls="--", lw=1)
+        ax.plot(epoch[best], val[best], "*", ms=12, color="tab:green",
+                label=f"best val {val[best]:.2f} (epoch {epoch[best]:g})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("ELBO (nats / datapoint)")
+    ax.set_title("ELBO")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------
+
+
+def image_grid(images, path, *, nrow: int | None = None, title: str | None = None,
+               vmin=None, vmax=None) -> Path:
+    """Tile grey-level images [n, H, W] into a grid with ``nrow`` images per row.
+
+    ``nrow`` defaults to ``ceil(sqrt(n))``. The grey scale runs from the data's
+    finite minimum to maximum unless ``vmin`` / ``vmax`` are given. NaN pixels
+    (e.g. unobserved parts from :func:`assemble_quadrant_images`) are shown
+    light blue.
+    """
+    imgs = _as_image_stack(images, "images")
+    n, h, w = imgs.shape
+    ncols = min(n, nrow if nrow is not None else math.ceil(math.sqrt(n)))
+    if ncols < 1:
+        raise ValueError(f"nrow must be >= 1, got {nrow}")
+    vmin, vmax = _value_range([imgs], vmin, vmax)
+    rgb = _grey_rgb(imgs, ncols, vmin, vmax)
+
+    # about 0.3 inch per 28 pixels, bounded to a sensible figure size
+    width = float(np.clip(rgb.shape[1] / 28 * 0.3 * 3, 2.0, 12.0))
+    height = width * rgb.shape[0] / rgb.shape[1] + (0.4 if title else 0.0)
+    fig = _new_figure((width, float(np.clip(height, 1.0, 14.0))))
+    ax = fig.add_subplot()
+    ax.imshow(rgb, interpolation="nearest")
+    _hide_ticks(ax)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_reconstructions(originals, reconstructions, path, *, title=None) -> Path:
+    """Show originals above their reconstructions (both [n, H, W]).
+
+    Up to 10 images per row; more images give several (original, reconstruction)
+    row pairs. Both share one grey scale.
+    """
+    orig = _as_image_stack(originals, "originals")
+    recon = _as_image_stack(reconstructions, "reconstructions")
+    if orig.shape != recon.shape:
+        raise ValueError(
+            f"originals and reconstructions differ in shape: {orig.shape} vs {recon.shape}"
+        )
+    n, h, w = orig.shape
+    ncols = min(n, _RECON_MAX_COLS)
+    npairs = math.ceil(n / ncols)
+    vmin, vmax = _value_range([orig, recon], None, None)
+
+    row_h = 1.0 * h / w
+    fig = _new_figure((1.0 * ncols + 1.2, 2 * npairs * row_h + (0.4 if title else 0.0) + 0.2))
+    for p in range(npairs):
+        chunk = slice(p * ncols, (p + 1) * ncols)
+        for k, (stack, label) in enumerate(((orig, "original"), (recon, "reconstruction"))):
+            ax = fig.add_subplot(2 * npairs, 1, 2 * p + k + 1)
+            # a short last row is padded to the full width by _grey_rgb
+            ax.imshow(_grey_rgb(stack[chunk], ncols, vmin, vmax), interpolation="nearest")
+            _hide_ticks(ax)
+            for side in ax.spines.values():
+                side.set_visible(False)
+            ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def assemble_quadrant_images(x, y, x_pixels, y_pixels, image_shape, *,
+                             fill=np.nan) -> np.ndarray:
+    """Put pixel values back at their places in row-major images.
+
+    ``x`` [n, len(x_pixels)] holds the values of the flat pixel indices
+    ``x_pixels``; ``y`` [n, len(y_pixels)] those of ``y_pixels`` (e.g. the
+    visible part and a conditional model's prediction of the hidden part).
+    ``y`` may be None. Pixels not covered keep ``fill``. Where the two index
+    sets overlap, ``y`` wins. Returns a float array [n, H, W].
+    """
+    height, width = (int(s) for s in image_shape)
+    x = _to_numpy(x).astype(float)
+    x_pixels = _to_numpy(x_pixels).astype(np.int64).ravel()
+    if x.ndim != 2 or x.shape[1] != x_pixels.size:
+        raise ValueError(f"x must have shape [n, {x_pixels.size}], got {x.shape}")
+    n = x.shape[0]
+    out = np.full((n, height * width), fill, dtype=float)
+    parts = [(x, x_pixels, "x")]
+    if y is not None:
+        y = _to_numpy(y).astype(float)
+        y_pixels = _to_numpy(y_pixels).astype(np.int64).ravel()
+        if y.shape != (n, y_pixels.size):
+            raise ValueError(f"y must have shape [{n}, {y_pixels.size}], got {y.shape}")
+        parts.append((y, y_pixels, "y"))
+    for values, pixels, name in parts:
+        if pixels.size and (pixels.min() < 0 or pixels.max() >= height * width):
+            raise ValueError(
+                f"{name}_pixels out of range for an image of shape {(height, width)}"
+            )
+        out[:, pixels] = values
+    return out.reshape(n, height, width)
+
+
+# ---------------------------------------------------------------------------
+# 2-D densities
+# ---------------------------------------------------------------------------
+
+
+def _density_image(grid_x, grid_y, log_density):
+    """Turn a log-density on a grid into an image for ``imshow(origin="upper")``.
+
+    ``log_density[i, j]`` is the value at ``(grid_x[j], grid_y[i])``. Returns
+    ``(image, extent)``: ``image = exp(log_density)`` arranged so that row 0 is
+    the largest y (top of the plot) and column 0 the smallest x (left), and
+    ``extent = (left, right, bottom, top)`` covering the grid cells.
+    Raises ValueError if ``log_density`` contains NaN or +inf, or has the wrong shape.
+    """
+    gx = _to_numpy(grid_x).astype(float).ravel()
+    gy = _to_numpy(grid_y).astype(float).ravel()
+    logd = _to_numpy(log_density).astype(float)
+    if logd.shape != (gy.size, gx.size):
+        raise ValueError(
+            f"log_density must have shape [len(grid_y), len(grid_x)] = "
+            f"{(gy.size, gx.size)}, got {logd.shape}"
+        )
+    if gx.size == 0 or gy.size == 0:
+        raise ValueError("grid_x and grid_y must not be empty")
+    if np.isnan(logd).any():
+        raise ValueError(f"log_density contains {int(np.isnan(logd).sum())} NaN value(s)")
+    if np.isposinf(logd).any():
+        raise ValueError("log_density contains +inf values")
+    if not (np.isfinite(gx).all() and np.isfinite(gy).all()):
+        raise ValueError("grid_x and grid_y must be finite")
+
+    density = np.exp(logd)
+    # sort both axes increasing, then flip rows so the top row is the largest y
+    ix, iy = np.argsort(gx, kind="stable"), np.argsort(gy, kind="stable")
+    gx, gy = gx[ix], gy[iy]
+    image = density[iy][:, ix][::-1]
+
+    def edges(g):
+        half = (g[-1] - g[0]) / (g.size - 1) / 2 if g.size > 1 else 0.5
+        return g[0] - half, g[-1] + half
+
+    left, right = edges(gx)
+    bottom, top = edges(gy)
+    return np.ascontiguousarray(image), (left, right, bottom, top)
+
+
+def plot_density_2d(grid_x, grid_y, log_density, path, *, data=None, true_manifold=None,
+                    title=None) -> Path:
+    """Learned density (left) next to the data and the true manifold (right).
+
+    ``log_density`` [len(grid_y), len(grid_x)] is log p(x) on the grid; ``-inf``
+    entries mean density 0, NaN raises ValueError. ``data`` [k, 2] is drawn as
+    small semi-transparent points, ``true_manifold`` [m, 2] as points on both
+    panels. Both panels use equal aspect and the grid's limits.
+    """
+    image, extent = _density_image(grid_x, grid_y, log_density)
+    data = None if data is None else _to_numpy(data).astype(float).reshape(-1, 2)
+    manifold = (None if true_manifold is None
+                else _to_numpy(true_manifold).astype(float).reshape(-1, 2))
+
+    aspect = (extent[3] - extent[2]) / (extent[1] - extent[0])
+    height = float(np.clip(4.5 * aspect, 2.5, 9.0)) + 1.0 + (0.4 if title else 0.0)
+    fig = _new_figure((11, height))
+    ax_d, ax_s = fig.subplots(1, 2)
+
+    im = ax_d.imshow(image, extent=extent, origin="upper", cmap="viridis",
+                     interpolation="nearest", aspect="equal")
+    cax = ax_d.inset_axes([1.04, 0.0, 0.05, 1.0])  # exactly as tall as the heat map
+    fig.colorbar(im, cax=cax, label="p(x)")
+    if manifold is not None:
+        ax_d.plot(manifold[:, 0], manifold[:, 1], ".", ms=1, color="white", alpha=0.7)
+    ax_d.set_title("learned density p(x)")
+
+    if data is not None:
+        ax_s.scatter(data[:, 0], data[:, 1], s=3, alpha=0.3, color="tab:blue",
+                     linewidths=0, label="data")
+    if manifold is not None:
+        ax_s.plot(manifold[:, 0], manifold[:, 1], ".", ms=2, color="tab:red",
+                  label="true manifold")
+    ax_s.set_title("data and true manifold")
+    if data is not None or manifold is not None:
+        ax_s.legend(loc="upper right", markerscale=3)
+
+    for ax in (ax_d, ax_s):
+        ax.set_xlim(extent[0], extent[1])
+        ax.set_ylim(extent[2], extent[3])
+        ax.set_aspect("equal", adjustable="box")
+        ax.set_xlabel("$x_1$")
+        ax.set_ylabel("$x_2$")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_points_2d(points, path, *, data=None, true_manifold=None, title=None) -> Path:
+    """2-D points (e.g. samples from a model) over the data and the true manifold, one panel."""
+    pts = _to_numpy(points).astype(float).reshape(-1, 2)
+    fig = _new_figure((5.5, 5.0))
+    ax = fig.subplots()
+    if data is not None:
+        d = _to_numpy(data).astype(float).reshape(-1, 2)
+        ax.scatter(d[:, 0], d[:, 1], s=3, alpha=0.25, color="tab:blue", linewidths=0, label="data")
+    if true_manifold is not None:
+        m = _to_numpy(true_manifold).astype(float).reshape(-1, 2)
+        ax.plot(m[:, 0], m[:, 1], ".", ms=2, color="tab:red", label="true manifold")
+    ax.scatter(pts[:, 0], pts[:, 1], s=5, alpha=0.6, color="tab:orange", linewidths=0, label="samples")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
+    ax.legend(loc="upper right", markerscale=3)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)

@@ -1,0 +1,594 @@
+"""Tests for ppl_genmodels.data: loading, splits, binarization, conditioning, validation."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ppl_genmodels.data import (
+    DATASETS,
+    DataError,
+    Dataset,
+    Split,
+    default_likelihood,
+    load_dataset,
+    quadrant_pixels,
+    read_idx,
+)
+
+MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+
+
+def raises_one_line(match: str, fn, *args, **kwargs) -> str:
+    """Call fn, expect a DataError whose one-line message contains `match` (case-insensitive)."""
+    with pytest.raises(DataError) as info:
+        fn(*args, **kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    assert match.lower() in msg.lower(), msg
+    return msg
+
+
+def is_binary(t: torch.Tensor) -> bool:
+    return bool(((t == 0) | (t == 1)).all())
+
+
+def idx_bytes(arr: np.ndarray, *, code: int = 0x08, magic: bytes | None = None) -> bytes:
+    arr = np.asarray(arr)
+    head = magic if magic is not None else bytes([0, 0, code, arr.ndim])
+    return head + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+
+
+def write_idx(path: Path, data: bytes, gz: bool) -> Path:
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def fake_mnist(folder: Path, *, n_train=60, n_test=20, shape=(4, 4), gz=True, seed=0,
+               overrides: dict[str, bytes] | None = None) -> dict[str, np.ndarray]:
+    """Write a tiny MNIST-like set of IDX files; returns the arrays written."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, size=(n_train, *shape)),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, size=n_train),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, size=(n_test, *shape)),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, size=n_test),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, arr in arrays.items():
+        data = (overrides or {}).get(stem, idx_bytes(arr))
+        write_idx(folder / stem, data, gz)
+    return arrays
+
+
+@pytest.fixture(scope="module")
+def digits_raw():
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.data.astype(np.float32), bunch.target.astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def digits_dynamic():
+    return load_dataset("digits")
+
+
+# --------------------------------------------------------------------------- #
+# digits
+# --------------------------------------------------------------------------- #
+
+
+def test_digits_default_is_bernoulli_dynamic(digits_dynamic):
+    ds = digits_dynamic
+    assert isinstance(ds, Dataset) and ds.name == "digits"
+    assert ds.likelihood == "bernoulli" and ds.binarize == "dynamic"
+    assert ds.image_shape == (8, 8) and ds.x_dim == 64 and ds.y_dim == 0
+    assert ds.condition is None and ds.train.y is None
+    assert len(ds.train) + len(ds.val) + len(ds.test) == 1797
+    assert (len(ds.val), len(ds.test)) == (180, 180)
+    for part in (ds.train, ds.val, ds.test):
+        assert part.x.dtype == torch.float32 and part.index.dtype == torch.long
+        assert part.x.device.type == "cpu"
+        assert part.x.shape[1] == 64 and part.index.shape == (part.x.shape[0],)
+    # train keeps grey levels in [0, 1]; val/test are binarized once at load
+    assert 0 <= ds.train.x.min() and ds.train.x.max() <= 1
+    assert not is_binary(ds.train.x)
+    assert is_binary(ds.val.x) and is_binary(ds.test.x)
+
+
+def test_dynamic_batches_are_fresh_draws_and_eval_splits_fixed(digits_dynamic):
+    ds = digits_dynamic
+    torch.manual_seed(0)
+    first = torch.cat([x for x, _ in ds.batches("train", 500)])
+    second = torch.cat([x for x, _ in ds.batches("train", 500)])
+    assert first.shape == ds.train.x.shape
+    assert is_binary(first) and is_binary(second)
+    assert not torch.equal(first, second)
+    # the draws follow the grey levels: mean of the draw ~ mean intensity
+    assert abs(first.mean().item() - ds.train.x.mean().item()) < 0.01
+    # val/test batches are the stored, already binary tensors
+    for split in ("val", "test"):
+        a = torch.cat([x for x, _ in ds.batches(split, 64)])
+        b = torch.cat([x for x, _ in ds.batches(split, 64)])
+        assert torch.equal(a, ds.split(split).x) and torch.equal(a, b)
+    # reloading with the same seed reproduces the val/test binarization
+    again = load_dataset("digits")
+    assert torch.equal(again.val.x, ds.val.x) and torch.equal(again.test.x, ds.test.x)
+
+
+def test_fixed_binarization_binary_and_repeatable():
+    a = load_dataset("digits", binarize="fixed", seed=3)
+    b = load_dataset("digits", binarize="fixed", seed=3)
+    for split in ("train", "val", "test"):
+        assert is_binary(a.split(split).x)
+        assert torch.equal(a.split(split).x, b.split(split).x)
+    passes = [torch.cat([x for x, _ in a.batches("train", 256)]) for _ in range(2)]
+    assert torch.equal(passes[0], passes[1]) and torch.equal(passes[0], a.train.x)
+
+
+def test_threshold_binarization_matches_grey_levels():
+    grey = load_dataset("digits", likelihood="gaussian", seed=1)
+    thr = load_dataset("digits", binarize="threshold", seed=1)
+    for split in ("train", "val", "test"):
+        assert torch.equal(thr.split(split).x, (grey.split(split).x > 0.5).float())
+
+
+def test_digits_gaussian_and_categorical(digits_raw):
+    raw, _ = digits_raw
+    g = load_dataset("digits", likelihood="gaussian")
+    assert g.binarize is None and g.n_levels is None
+    assert torch.allclose(g.train.x, torch.from_numpy(raw[g.train.index.numpy()]) / 16)
+    assert g.train.x.min() == 0 and g.train.x.max() == 1
+    c = load_dataset("digits", likelihood="categorical")
+    assert c.n_levels == 17 and c.binarize is None
+    x = c.train.x
+    assert x.dtype == torch.float32
+    assert torch.equal(x, x.round()) and x.min() == 0 and x.max() == 16
+    assert torch.equal(x, torch.from_numpy(raw[c.train.index.numpy()]))
+
+
+def test_split_determinism_and_disjointness(digits_raw):
+    a = load_dataset("digits", likelihood="gaussian", seed=5)
+    b = load_dataset("digits", likelihood="gaussian", seed=5)
+    c = load_dataset("digits", likelihood="gaussian", seed=6)
+    for split in ("train", "val", "test"):
+        assert torch.equal(a.split(split).x, b.split(split).x)
+        assert torch.equal(a.split(split).index, b.split(split).index)
+    assert not torch.equal(a.test.index, c.test.index)
+    sets = [set(a.split(s).index.tolist()) for s in ("train", "val", "test")]
+    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    assert sets[0] | sets[1] | sets[2] == set(range(1797))
+    # index points at the original rows, labels follow
+    _, target = digits_raw
+    assert torch.equal(a.val.labels, torch.from_numpy(target[a.val.index.numpy()]))
+
+
+def test_fractions_and_max_examples():
+    ds = load_dataset("digits", val_fraction=0.2, test_fraction=0.3)
+    assert (len(ds.val), len(ds.test)) == (round(1797 * 0.2), round(1797 * 0.3))
+    small = load_dataset("digits", max_examples=25)
+    assert (len(small.train), len(small.val), len(small.test)) == (25, 25, 25)
+    again = load_dataset("digits", max_examples=25)
+    assert torch.equal(small.train.index, again.train.index)
+    full = load_dataset("digits")
+    assert set(small.train.index.tolist()) <= set(full.train.index.tolist())
+
+
+def test_label_condition_one_hot(digits_raw):
+    _, target = digits_raw
+    ds = load_dataset("digits", condition="label", binarize="fixed")
+    assert ds.condition == "label" and ds.n_classes == 10 and ds.y_dim == 10
+    for part in (ds.train, ds.val, ds.test):
+        assert part.y.dtype == torch.float32 and part.y.shape == (len(part), 10)
+        assert torch.equal(part.y.sum(1), torch.ones(len(part)))
+        assert torch.equal(part.y.argmax(1), torch.from_numpy(target[part.index.numpy()]))
+    x, y = next(ds.batches("train", 7))
+    assert x.shape == (7, 64) and y.shape == (7, 10)
+
+
+def test_quadrant_pixel_lists():
+    x_pix, y_pix = quadrant_pixels((8, 8), 1)
+    assert y_pix == [r * 8 + c for r in range(4) for c in range(4)]
+    assert x_pix[:4] == [4, 5, 6, 7] and len(x_pix) == 48
+    assert sorted(x_pix + y_pix) == list(range(64))
+    x_pix, y_pix = quadrant_pixels((8, 8), 3)
+    assert len(y_pix) == 48 and x_pix == [r * 8 + c for r in range(4, 8) for c in range(4, 8)]
+
+
+@pytest.mark.parametrize("visible, y_dim", [(1, 16), (2, 32), (3, 48)])
+def test_quadrants_reassemble_to_original(visible, y_dim):
+    full = load_dataset("digits", binarize="threshold", seed=2)
+    ds = load_dataset("digits", binarize="threshold", seed=2, condition="quadrants",
+                      visible_quadrants=visible)
+    assert ds.y_dim == y_dim and ds.x_dim == 64 - y_dim
+    assert ds.meta["visible_quadrants"] == visible
+    for split in ("train", "test"):
+        part = ds.split(split)
+        rebuilt = torch.zeros(len(part), 64)
+        rebuilt[:, ds.meta["y_pixels"]] = part.y
+        rebuilt[:, ds.meta["x_pixels"]] = part.x
+        assert torch.equal(rebuilt, full.split(split).x)
+        assert torch.equal(ds.images(part.x, part.y), rebuilt.reshape(-1, 8, 8))
+
+
+def test_quadrants_dynamic_draws_x_and_y(digits_raw):
+    ds = load_dataset("digits", condition="quadrants", visible_quadrants=2)
+    assert ds.binarize == "dynamic"
+    assert not is_binary(ds.train.y) and not is_binary(ds.train.x)
+    assert is_binary(ds.test.x) and is_binary(ds.test.y)
+    torch.manual_seed(1)
+    x, y = next(ds.batches("train", 200))
+    assert is_binary(x) and is_binary(y) and x.shape == (200, 32) and y.shape == (200, 32)
+
+
+def test_batches_order_sizes_and_shuffle(digits_dynamic):
+    ds = load_dataset("digits", binarize="fixed")
+    sizes = [x.shape[0] for x, _ in ds.batches("val", 64)]
+    assert sizes == [64, 64, 52]  # last partial batch kept
+    assert torch.equal(torch.cat([x for x, _ in ds.batches("val", 64)]), ds.val.x)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    s1 = torch.cat([x for x, _ in ds.batches("val", 50, shuffle=True, generator=g1)])
+    s2 = torch.cat([x for x, _ in ds.batches("val", 50, shuffle=True, generator=g2)])
+    assert torch.equal(s1, s2) and not torch.equal(s1, ds.val.x)
+    # a permutation of the rows
+    key = lambda t: sorted(map(tuple, t.tolist()))  # noqa: E731
+    assert key(s1) == key(ds.val.x)
+    assert all(y is None for _, y in ds.batches("val", 64))
+    raises_one_line("batch_size", lambda: next(ds.batches("val", 0)))
+
+
+def test_split_to_and_describe(digits_dynamic):
+    ds = digits_dynamic
+    assert ds.split("val") is ds.val
+    raises_one_line("unknown split", ds.split, "valid")
+    moved = ds.to("cpu")
+    assert moved is not ds and isinstance(moved.train, Split)
+    assert torch.equal(moved.train.x, ds.train.x)
+    desc = ds.describe()
+    json.dumps(desc)
+    assert desc["name"] == "digits" and desc["x_dim"] == 64 and desc["y_dim"] == 0
+    assert (desc["n_train"], desc["n_val"], desc["n_test"]) == (1437, 180, 180)
+    assert desc["likelihood"] == "bernoulli" and desc["binarize"] == "dynamic"
+    assert desc["image_shape"] == [8, 8] and desc["n_classes"] == 10
+    for k in ("n_levels", "condition"):
+        assert k in desc
+
+
+def test_registry_and_default_likelihood():
+    for name in ("digits", "mnist", "circle", "moons", "swiss-roll"):
+        assert name in DATASETS and DATASETS[name]
+    assert any(".npy" in k for k in DATASETS)
+    assert default_likelihood("digits") == "bernoulli"
+    assert default_likelihood("mnist") == "bernoulli"
+    assert default_likelihood("moons") == "gaussian"
+    assert default_likelihood("my/data.csv") == "gaussian"
+    raises_one_line("unknown dataset", default_likelihood, "cifar")
+
+
+# --------------------------------------------------------------------------- #
+# synthetic manifolds
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("name", ["circle", "moons", "swiss-roll"])
+def test_synthetic_shapes_and_determinism(name):
+    ds = load_dataset(name, n_samples=500)
+    assert ds.likelihood == "gaussian" and ds.x_dim == 2 and ds.y_dim == 0
+    assert ds.image_shape is None and ds.n_classes is None
+    assert len(ds.train) + len(ds.val) + len(ds.test) == 500
+    assert ds.train.x.dtype == torch.float32 and torch.isfinite(ds.train.x).all()
+    manifold = ds.meta["true_manifold"]
+    assert isinstance(manifold, np.ndarray) and manifold.ndim == 2 and manifold.shape[1] == 2
+    assert manifold.shape[0] >= 100
+    same = load_dataset(name, n_samples=500)
+    other = load_dataset(name, n_samples=500, seed=1)
+    assert torch.equal(same.train.x, ds.train.x)
+    assert not torch.equal(other.train.x, ds.train.x)
+    # points lie near the true curve: mean distance to nearest manifold point ~ noise
+    pts = torch.cat([ds.train.x, ds.val.x, ds.test.x]).double()
+    dist = torch.cdist(pts, torch.from_numpy(manifold)).min(1).values
+    assert dist.mean() < 0.1
+
+
+def test_circle_noise_and_default_size():
+    exact = load_dataset("circle", noise=0.0)
+    assert len(exact.train) + len(exact.val) + len(exact.test) == 2000
+    assert torch.allclose(exact.train.x.norm(dim=1), torch.ones(len(exact.train)), atol=1e-5)
+    noisy = load_dataset("circle", noise=0.2)
+    assert (noisy.train.x.norm(dim=1) - 1).std() > 0.1
+    assert np.allclose(np.linalg.norm(exact.meta["true_manifold"], axis=1), 1.0)
+
+
+def test_synthetic_option_errors(tmp_path):
+    raises_one_line("gaussian", load_dataset, "moons", likelihood="bernoulli")
+    raises_one_line("labels", load_dataset, "circle", condition="label")
+    raises_one_line("quadrants", load_dataset, "swiss-roll", condition="quadrants")
+    raises_one_line("noise", load_dataset, "circle", noise=-1.0)
+    raises_one_line("n_samples", load_dataset, "circle", n_samples=0)
+    raises_one_line("synthetic", load_dataset, "digits", n_samples=10)
+
+
+# --------------------------------------------------------------------------- #
+# IDX / MNIST format
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_read_idx_valid(tmp_path, gz):
+    arr = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    path = write_idx(tmp_path / "valid-idx3-ubyte", idx_bytes(arr), gz)
+    out = read_idx(path)
+    assert out.dtype == np.uint8 and out.shape == (2, 3, 4)
+    assert np.array_equal(out, arr)
+    # gzip detected from content, not name
+    renamed = tmp_path / "looks-raw"
+    renamed.write_bytes(path.read_bytes())
+    assert np.array_equal(read_idx(renamed), arr)
+
+
+def test_read_idx_errors(tmp_path):
+    arr = np.zeros((5, 4, 4))
+    good = idx_bytes(arr)
+    cases = {
+        "truncated": (good[:-7], "truncated: header says 5x4x4 (80 bytes) but only 73 bytes follow"),
+        "extra": (good + b"\x00\x01", "2 extra bytes"),
+        "magic": (b"\x12\x34" + good[2:], "bad magic"),
+        "dtype": (idx_bytes(arr, code=0x0D), "data type code 0x0d"),
+        "header": (good[:10], "truncated"),
+    }
+    for stem, (data, match) in cases.items():
+        path = tmp_path / stem
+        path.write_bytes(data)
+        msg = raises_one_line(match, read_idx, path)
+        assert str(path) in msg
+    # corrupt gzip stream
+    blob = bytearray(gzip.compress(good))
+    blob[12:20] = b"\xff" * 8
+    bad = tmp_path / "corrupt.gz"
+    bad.write_bytes(bytes(blob))
+    raises_one_line("gzip", read_idx, bad)
+    cut = tmp_path / "cut.gz"
+    cut.write_bytes(gzip.compress(good)[:15])
+    raises_one_line("gzip", read_idx, cut)
+    raises_one_line("not found", read_idx, tmp_path / "nothing-here")
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fake_mnist_loads(tmp_path, gz):
+    arrays = fake_mnist(tmp_path, gz=gz)
+    ds = load_dataset("mnist", data_dir=tmp_path, seed=0, val_fraction=0.25)
+    assert ds.image_shape == (4, 4) and ds.x_dim == 16 and ds.n_classes == 10
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (45, 15, 20)
+    assert ds.binarize == "dynamic" and is_binary(ds.val.x) and is_binary(ds.test.x)
+    # test = the t10k file in order; train/val partition the training file
+    assert torch.equal(ds.test.index, torch.arange(20))
+    assert set(ds.train.index.tolist()) | set(ds.val.index.tolist()) == set(range(60))
+    assert not set(ds.train.index.tolist()) & set(ds.val.index.tolist())
+    g = load_dataset("mnist", data_dir=tmp_path, likelihood="gaussian", condition="label")
+    images = arrays["train-images-idx3-ubyte"].reshape(60, 16)
+    expected = torch.from_numpy(images[g.train.index.numpy()].astype(np.float32)) / 255
+    assert torch.allclose(g.train.x, expected)
+    labels = torch.from_numpy(arrays["t10k-labels-idx1-ubyte"])
+    assert torch.equal(g.test.y.argmax(1), labels) and g.y_dim == 10
+    q = load_dataset("mnist", data_dir=tmp_path, condition="quadrants", visible_quadrants=3)
+    assert (q.x_dim, q.y_dim) == (4, 12)
+    capped = load_dataset("mnist", data_dir=tmp_path, max_examples=5)
+    assert (len(capped.train), len(capped.val), len(capped.test)) == (5, 5, 5)
+
+
+def test_mnist_prefers_whichever_file_exists(tmp_path):
+    fake_mnist(tmp_path, gz=True)
+    # replace one gz by a raw file: both kinds in the same folder
+    gz = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    raw = tmp_path / "t10k-labels-idx1-ubyte"
+    raw.write_bytes(gzip.decompress(gz.read_bytes()))
+    gz.unlink()
+    assert len(load_dataset("mnist", data_dir=tmp_path).test) == 20
+
+
+def test_mnist_bad_files(tmp_path):
+    def case(name, **overrides):
+        folder = tmp_path / name
+        fake_mnist(folder, overrides=overrides)
+        return folder
+
+    raises_one_line("needs data_dir", load_dataset, "mnist")
+    raises_one_line("not a folder", load_dataset, "mnist", data_dir=tmp_path / "absent")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    raises_one_line("lacks", load_dataset, "mnist", data_dir=empty)
+
+    rng = np.random.default_rng(1)
+    labels_as_images = case("swap", **{"train-images-idx3-ubyte": idx_bytes(rng.integers(0, 10, 60))})
+    raises_one_line("mislabelled", load_dataset, "mnist", data_dir=labels_as_images)
+    images_as_labels = case("swap2", **{"t10k-labels-idx1-ubyte": idx_bytes(rng.integers(0, 9, (20, 4, 4)))})
+    raises_one_line("mislabelled", load_dataset, "mnist", data_dir=images_as_labels)
+    mismatch = case("count", **{"train-labels-idx1-ubyte": idx_bytes(rng.integers(0, 10, 59))})
+    msg = raises_one_line("counts must match", load_dataset, "mnist", data_dir=mismatch)
+    assert "59" in msg and "60" in msg
+    out_of_range = case("range", **{"t10k-labels-idx1-ubyte": idx_bytes(np.full(20, 12))})
+    raises_one_line("labels out of range", load_dataset, "mnist", data_dir=out_of_range)
+    truncated = case("trunc", **{"train-images-idx3-ubyte": idx_bytes(rng.integers(0, 256, (60, 4, 4)))[:-100]})
+    msg = raises_one_line("truncated", load_dataset, "mnist", data_dir=truncated)
+    assert "train-images-idx3-ubyte" in msg
+    folder = case("gzip")
+    (folder / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b" + b"garbage" * 10)
+    raises_one_line("corrupt gzip", load_dataset, "mnist", data_dir=folder)
+    shapes = case("shape", **{"t10k-images-idx3-ubyte": idx_bytes(rng.integers(0, 256, (20, 5, 5)))})
+    raises_one_line("same size", load_dataset, "mnist", data_dir=shapes)
+    ok = case("ok")
+    raises_one_line("categorical", load_dataset, "mnist", data_dir=ok, likelihood="categorical")
+    raises_one_line("val_fraction", load_dataset, "mnist", data_dir=ok, val_fraction=0.001)
+
+
+@pytest.mark.mnist
+def test_real_mnist_files():
+    if not MNIST_DIR.is_dir():
+        pytest.skip(f"real MNIST IDX files not found at {MNIST_DIR}")
+    ds = load_dataset("mnist", data_dir=MNIST_DIR, max_examples=200, condition="label")
+    assert ds.image_shape == (28, 28) and ds.x_dim == 784 and ds.y_dim == 10
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (200, 200, 200)
+    assert torch.equal(ds.test.index, torch.arange(200))
+    assert int(ds.train.index.max()) < 60000
+    assert is_binary(ds.test.x) and not is_binary(ds.train.x)
+    assert 0.05 < ds.train.x.mean() < 0.25  # MNIST mean intensity is ~0.13
+    assert set(ds.train.labels.tolist()) == set(range(10))
+
+
+# --------------------------------------------------------------------------- #
+# user files
+# --------------------------------------------------------------------------- #
+
+
+def test_npy_gaussian(tmp_path):
+    x = np.random.default_rng(0).normal(size=(50, 3))
+    path = tmp_path / "points.npy"
+    np.save(path, x)
+    ds = load_dataset(str(path))
+    assert ds.name == "points.npy" and ds.likelihood == "gaussian" and ds.x_dim == 3
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (40, 5, 5)
+    assert torch.allclose(ds.val.x, torch.from_numpy(x[ds.val.index.numpy()]).float())
+    assert ds.n_classes is None and ds.train.labels is None
+    raises_one_line("labels", load_dataset, str(path), condition="label")
+    raises_one_line("quadrants", load_dataset, str(path), condition="quadrants",
+                    likelihood="bernoulli", binarize="threshold")
+
+
+def test_npy_bad_values(tmp_path):
+    x = np.random.default_rng(0).uniform(size=(20, 4))
+    x[[1, 3, 5], [0, 1, 2]] = np.nan
+    path = tmp_path / "nan.npy"
+    np.save(path, x)
+    msg = raises_one_line("x contains 3 NaN values", load_dataset, str(path))
+    assert "nan.npy" in msg
+    x = np.ones((20, 4))
+    x[0, 0] = np.inf
+    np.save(tmp_path / "inf.npy", x)
+    raises_one_line("1 inf values", load_dataset, str(tmp_path / "inf.npy"))
+    np.save(tmp_path / "flat.npy", np.arange(10.0))
+    raises_one_line("expected a 2-D array [n, D]", load_dataset, str(tmp_path / "flat.npy"))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 3)))
+    raises_one_line("empty", load_dataset, str(tmp_path / "empty.npy"))
+    np.save(tmp_path / "text.npy", np.array([["a", "b"], ["c", "d"]]))
+    raises_one_line("dtype", load_dataset, str(tmp_path / "text.npy"))
+
+
+def test_user_bernoulli_checks(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = rng.uniform(0.1, 0.9, size=(40, 6))
+    np.save(tmp_path / "grey.npy", grey)
+    msg = raises_one_line("data for a Bernoulli likelihood must be 0/1", load_dataset,
+                          str(tmp_path / "grey.npy"), likelihood="bernoulli")
+    assert "binarize='dynamic'|'fixed'|'threshold'" in msg and "[0.1" in msg
+    ds = load_dataset(str(tmp_path / "grey.npy"), likelihood="bernoulli", binarize="fixed")
+    assert is_binary(ds.train.x) and ds.binarize == "fixed"
+    binary = (grey > 0.5).astype(np.float64)
+    np.save(tmp_path / "binary.npy", binary)
+    ds = load_dataset(str(tmp_path / "binary.npy"), likelihood="bernoulli")
+    assert ds.binarize is None and is_binary(ds.train.x)
+    np.save(tmp_path / "wide.npy", grey * 5)
+    raises_one_line("[0, 1]", load_dataset, str(tmp_path / "wide.npy"),
+                    likelihood="bernoulli", binarize="dynamic")
+    raises_one_line("must be 0/1", load_dataset, str(tmp_path / "wide.npy"), likelihood="bernoulli")
+
+
+def test_user_categorical(tmp_path):
+    levels = np.random.default_rng(0).integers(0, 5, size=(30, 4))
+    np.save(tmp_path / "levels.npy", levels)
+    ds = load_dataset(str(tmp_path / "levels.npy"), likelihood="categorical")
+    assert ds.n_levels == int(levels.max()) + 1
+    np.save(tmp_path / "frac.npy", levels + 0.5)
+    raises_one_line("non-negative integer", load_dataset, str(tmp_path / "frac.npy"),
+                    likelihood="categorical")
+    np.save(tmp_path / "neg.npy", levels - 3)
+    raises_one_line("non-negative integer", load_dataset, str(tmp_path / "neg.npy"),
+                    likelihood="categorical")
+
+
+def test_npz_with_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 3)), rng.integers(0, 4, size=40)
+    y[0] = 4  # n_classes = max + 1 = 5
+    np.savez(tmp_path / "lab.npz", x=x, y=y)
+    ds = load_dataset(str(tmp_path / "lab.npz"), condition="label")
+    assert ds.n_classes == 5 and ds.y_dim == 5
+    assert torch.equal(ds.train.y.argmax(1), torch.from_numpy(y[ds.train.index.numpy()]))
+    np.savez(tmp_path / "neg.npz", x=x, y=y - 2)
+    raises_one_line("labels out of range", load_dataset, str(tmp_path / "neg.npz"))
+    np.savez(tmp_path / "float.npz", x=x, y=y + 0.5)
+    raises_one_line("labels out of range", load_dataset, str(tmp_path / "float.npz"))
+    np.savez(tmp_path / "short.npz", x=x, y=y[:-1])
+    raises_one_line("counts must match", load_dataset, str(tmp_path / "short.npz"))
+    np.savez(tmp_path / "nox.npz", data=x)
+    raises_one_line("no array named 'x'", load_dataset, str(tmp_path / "nox.npz"))
+
+
+def test_csv_with_and_without_header(tmp_path):
+    x = np.random.default_rng(0).normal(size=(30, 3)).round(4)
+    lines = [",".join(str(v) for v in row) for row in x]
+    (tmp_path / "head.csv").write_text("a,b,c\n" + "\n".join(lines) + "\n")
+    (tmp_path / "plain.csv").write_text("\n".join(lines) + "\n")
+    h = load_dataset(str(tmp_path / "head.csv"))
+    p = load_dataset(str(tmp_path / "plain.csv"))
+    assert h.x_dim == 3 and len(h.train) + len(h.val) + len(h.test) == 30
+    for split in ("train", "val", "test"):
+        assert torch.equal(h.split(split).x, p.split(split).x)
+        assert torch.allclose(h.split(split).x,
+                              torch.from_numpy(x[h.split(split).index.numpy()]).float())
+    (tmp_path / "word.csv").write_text("a,b\n1,2\n3,oops\n")
+    raises_one_line("non-numeric value 'oops'", load_dataset, str(tmp_path / "word.csv"))
+    (tmp_path / "hole.csv").write_text("1,2\n3,\n5,6\n7,8\n9,10\n")
+    raises_one_line("1 NaN values", load_dataset, str(tmp_path / "hole.csv"))
+    (tmp_path / "blank.csv").write_text("")
+    raises_one_line("empty", load_dataset, str(tmp_path / "blank.csv"))
+    (tmp_path / "onlyhead.csv").write_text("a,b\n")
+    raises_one_line("empty", load_dataset, str(tmp_path / "onlyhead.csv"))
+
+
+# --------------------------------------------------------------------------- #
+# names and options
+# --------------------------------------------------------------------------- #
+
+
+def test_names_and_files(tmp_path):
+    msg = raises_one_line("unknown dataset 'cifar10'", load_dataset, "cifar10")
+    for known in ("digits", "mnist", "circle", "moons", "swiss-roll", ".npy"):
+        assert known in msg
+    raises_one_line("file not found", load_dataset, str(tmp_path / "missing.npy"))
+    (tmp_path / "data.txt").write_text("1,2\n")
+    raises_one_line("unsupported file type", load_dataset, str(tmp_path / "data.txt"))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(likelihood="poisson"), "unknown likelihood"),
+    (dict(binarize="sometimes"), "unknown binarize"),
+    (dict(likelihood="gaussian", binarize="fixed"), "applies only to likelihood='bernoulli'"),
+    (dict(condition="class"), "unknown condition"),
+    (dict(condition="quadrants", visible_quadrants=0), "visible_quadrants"),
+    (dict(condition="quadrants", visible_quadrants=4), "visible_quadrants"),
+    (dict(condition="quadrants", likelihood="gaussian"), "needs likelihood='bernoulli'"),
+    (dict(val_fraction=0.0), "leaves the val split empty"),
+    (dict(test_fraction=0.0001), "leaves the test split empty"),
+    (dict(val_fraction=0.5, test_fraction=0.5), "train split empty"),
+    (dict(val_fraction=1.5), "val_fraction"),
+    (dict(max_examples=0), "max_examples"),
+    (dict(seed=-1), "seed"),
+])
+def test_option_errors(kwargs, match):
+    raises_one_line(match, load_dataset, "digits", **kwargs)
