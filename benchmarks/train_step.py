@@ -150,6 +150,10 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats (default 7)")
     parser.add_argument("--steps", type=int, default=50, help="steps per side per repeat (default 50)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps per side first (default 20)")
+    parser.add_argument("--block", type=int, default=None,
+                        help="alternate the two sides every BLOCK steps within a repeat (default: --steps, "
+                             "i.e. all toolkit steps then all hand-written steps); a small block evens out "
+                             "machine-load changes on a busy host")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--n", type=int, default=4096, help="datapoints (default 4096)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -157,6 +161,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.steps < 1 or args.batch_size < 1 or args.n < args.batch_size:
         parser.error("need repeats >= 1, steps >= 1, batch-size >= 1 and n >= batch-size")
+    block = args.steps if args.block is None else args.block
+    if not 1 <= block <= args.steps:
+        parser.error("--block must be between 1 and --steps")
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -195,26 +202,28 @@ def main(argv=None) -> None:
         raise SystemExit("the two objectives disagree: the comparison would not be like for like")
 
     torch.manual_seed(SEED)
-    tsteps = hsteps = 0
-    run_steps(toolkit.step, batches, tsteps, args.warmup, device)
-    run_steps(baseline.step, batches, hsteps, args.warmup, device)
-    tsteps = hsteps = args.warmup
-    print(f"warm-up: {args.warmup} steps each; timing {args.repeats} repeats x {args.steps} steps each, interleaved")
+    run_steps(toolkit.step, batches, 0, args.warmup, device)
+    run_steps(baseline.step, batches, 0, args.warmup, device)
+    done_steps = args.warmup  # per side; both sides see the same batch sequence
+    how = "toolkit then hand-written" if block == args.steps else f"alternating every {block} steps"
+    print(f"warm-up: {args.warmup} steps each; timing {args.repeats} repeats x {args.steps} steps each ({how})")
     print(f"{'repeat':>6}  {'toolkit ms/step':>15}  {'hand-written ms/step':>20}  {'ratio':>6}")
 
     ratios = []
     for r in range(args.repeats):
-        t = run_steps(toolkit.step, batches, tsteps, args.steps, device)
-        h = run_steps(baseline.step, batches, hsteps, args.steps, device)
-        tsteps += args.steps
-        hsteps += args.steps
+        t = h = 0.0
+        for first in range(0, args.steps, block):
+            k = min(block, args.steps - first)
+            t += run_steps(toolkit.step, batches, done_steps, k, device)
+            h += run_steps(baseline.step, batches, done_steps, k, device)
+            done_steps += k
         ratios.append(t / h)
         print(f"{r + 1:>6}  {1e3 * t / args.steps:>15.3f}  {1e3 * h / args.steps:>20.3f}  {t / h:>6.3f}")
 
     with torch.no_grad():
         ft = sum(objective.loss(vae.model, vae.guide, b).item() for b in batches) / (nb * args.batch_size)
         fh = sum(hand.loss(b).item() for b in batches) / (nb * args.batch_size)
-    print(f"loss after {tsteps} steps (nats/datapoint, all batches): toolkit {ft:.2f}, hand-written {fh:.2f}")
+    print(f"loss after {done_steps} steps (nats/datapoint, all batches): toolkit {ft:.2f}, hand-written {fh:.2f}")
     print(f"median ratio (toolkit / hand-written): {statistics.median(ratios):.2f}")
 
 

@@ -19,10 +19,7 @@ __all__ = ["VAE", "CVAE", "PPCA", "REGISTRY", "DESCRIPTIONS"]
 REGISTRY = {"vae": VAE, "cvae": CVAE, "ppca": PPCA}
 
 DESCRIPTIONS = {
-    "vae": "Variational autoencoder: N(0, I) prior, MLP encoder/decoder, "
-    "Bernoulli/Gaussian/categorical likelihood (Kingma & Welling 2014).",
-    "cvae": "Conditional VAE for p(x | y): prior, recognition and generation "
-    "networks all conditioned on y (Sohn, Lee & Yan 2015).",
-    "ppca": "Probabilistic PCA, linear-Gaussian with exact log p(x) and p(z | x) "
-    "(Tipping & Bishop 1999).",
+    "vae": "Variational autoencoder, N(0, I) prior and MLP encoder/decoder (Kingma & Welling 2014)",
+    "cvae": "Conditional VAE p(x | y) with a learned prior p(z | y) (Sohn, Lee & Yan 2015)",
+    "ppca": "Probabilistic PCA with exact log p(x) and p(z | x) (Tipping & Bishop 1999)",
 }

@@ -15,7 +15,8 @@ decoder output to one of
 
 - ``"bernoulli"``:   x_d ~ Bernoulli(logits = out_d)                (binary data)
 - ``"gaussian"``:    x_d ~ N(out_d, s_d^2), s fixed (``scale``) or learned per
-                     dimension (``log_scale`` parameter, initialised at 0)
+                     dimension (``log_scale`` parameter, initialised at log 0.1: a unit
+                     scale at the start lets the decoder ignore z and the posterior collapse)
 - ``"categorical"``: x_d ~ Categorical(logits = out[d, :]) over ``n_levels``
                      levels; x holds the integer levels as floats.
 
@@ -27,6 +28,7 @@ observed x [batch, D].
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 
@@ -105,7 +107,7 @@ class LikelihoodHead(nn.Module):
             self.out_dim = self.x_dim * self.n_levels
         elif likelihood == "gaussian":
             if scale is None:
-                self.log_scale = nn.Parameter(torch.zeros(self.x_dim))
+                self.log_scale = nn.Parameter(torch.full((self.x_dim,), math.log(0.1)))
             else:
                 scale = float(scale)
                 if not scale > 0 or scale == float("inf"):

@@ -568,6 +568,11 @@ def _check_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
 
 
 def _read_csv(path: Path) -> np.ndarray:
+    """A comma-separated numeric table [n, D]; empty cells become NaN.
+
+    The first row is taken as a header (and skipped) when any of its cells is
+    not a number; a header made only of numbers is read as data.
+    """
     import pandas as pd
 
     try:

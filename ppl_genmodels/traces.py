@@ -102,46 +102,85 @@ def _site_log_prob(site, particle_dim: int | None, num_particles: int, batch_siz
     return lp.expand(shape)
 
 
+PROPOSALS = ("guide", "prior", "mixture")
+
+
+def _run_pair(model, guide, args, first: str):
+    """Trace the proposal program ``first`` and replay the other one against its latents."""
+    if first == "guide":
+        guide_trace = poutine.trace(guide).get_trace(*args)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+    else:
+        model_trace = poutine.trace(model).get_trace(*args)
+        guide_trace = poutine.trace(poutine.replay(guide, trace=model_trace)).get_trace(*args)
+    return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+
+
+def _log_densities(model_trace, guide_trace, reduce):
+    """(log p(z | y), log p(x | z, y), log q(z | x, y)) per particle and datapoint."""
+    latent = observed = proposal = 0.0
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if site["is_observed"]:
+            observed = observed + reduce(site)
+        else:
+            if guide_trace is not None and name not in guide_trace.nodes:
+                raise TraceError(f"latent site {name!r} of the model is not sampled by the guide")
+            latent = latent + reduce(site)
+    if guide_trace is not None:
+        for site in guide_trace.nodes.values():
+            if site["type"] == "sample" and not site["is_observed"]:
+                proposal = proposal + reduce(site)
+    return latent, observed, proposal
+
+
 def _weights_once(model, guide, args, batch_size, proposal, particle_dim, num_particles):
-    """log w for one draw of particles: ``[K, B]`` if particle_dim is set, else ``[B]``."""
+    """log w for one draw of particles: ``[K, B]`` if particle_dim is set, else ``[B]``.
+
+    ``guide``: z ~ q, log w = log p(x, z) - log q(z).  ``prior``: z ~ p(z), log w =
+    log p(x | z).  ``mixture``: defensive importance sampling (Hesterberg 1995), half the
+    particles from q and half from p(z), each weighed against the mixture
+    (q + p) / 2, so that w <= 2 p(x | z): the estimate stays stable where the guide
+    extrapolates badly (far from the data), at the price of the prior's half.
+    """
     shape = (batch_size,) if particle_dim is None else (num_particles, batch_size)
 
-    def wrap(fn):
+    def wrap(fn, k):
         if particle_dim is None:
             return fn
 
         def vectorized(*a):
-            with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
+            with pyro.plate(PARTICLE_PLATE, k, dim=particle_dim):
                 return fn(*a)
 
         return vectorized
 
-    log_w = None
+    def reduce_for(k):
+        return lambda site: _site_log_prob(site, particle_dim, k, batch_size)
+
     if proposal == "guide":
-        guide_trace = poutine.trace(wrap(guide)).get_trace(*args)
-        model_trace = prune_subsample_sites(
-            poutine.trace(poutine.replay(wrap(model), trace=guide_trace)).get_trace(*args))
-        guide_trace = prune_subsample_sites(guide_trace)
-        for name, site in model_trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            if not site["is_observed"] and name not in guide_trace.nodes:
-                raise TraceError(f"latent site {name!r} of the model is not sampled by the guide")
-            lp = _site_log_prob(site, particle_dim, num_particles, batch_size)
-            log_w = lp if log_w is None else log_w + lp
-        for name, site in guide_trace.nodes.items():
-            if site["type"] == "sample" and not site["is_observed"]:
-                log_w = log_w - _site_log_prob(site, particle_dim, num_particles, batch_size)
+        latent, observed, q = _log_densities(*_run_pair(wrap(model, num_particles), wrap(guide, num_particles), args, "guide"),
+                                            reduce_for(num_particles))
+        log_w = latent + observed - q
     elif proposal == "prior":
-        # z ~ p(z | y): the weight is the likelihood of the observed sites alone.
-        model_trace = prune_subsample_sites(poutine.trace(wrap(model)).get_trace(*args))
-        for site in model_trace.nodes.values():
-            if site["type"] == "sample" and site["is_observed"]:
-                lp = _site_log_prob(site, particle_dim, num_particles, batch_size)
-                log_w = lp if log_w is None else log_w + lp
+        model_trace, _ = _run_pair(wrap(model, num_particles), lambda *a: None, args, "model")
+        log_w = _log_densities(model_trace, None, reduce_for(num_particles))[1]
+    elif proposal == "mixture":
+        if particle_dim is None:
+            first = "guide" if torch.rand(()) < 0.5 else "model"
+            parts = [(1, first)]
+        else:
+            k_guide = (num_particles + 1) // 2
+            parts = [(k, first) for k, first in ((k_guide, "guide"), (num_particles - k_guide, "model")) if k > 0]
+        pieces = []
+        for k, first in parts:
+            latent, observed, q = _log_densities(*_run_pair(wrap(model, k), wrap(guide, k), args, first), reduce_for(k))
+            pieces.append(latent + observed - (torch.logaddexp(q, latent) - math.log(2.0)))
+        log_w = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     else:
-        raise ValueError(f"unknown proposal {proposal!r}; expected 'guide' or 'prior'")
-    if log_w is None:
+        raise ValueError(f"unknown proposal {proposal!r}; expected one of {', '.join(PROPOSALS)}")
+    if not isinstance(log_w, torch.Tensor):
         raise TraceError("the model has no sample sites to weigh")
     return log_w.expand(shape)
 
@@ -164,7 +203,8 @@ def log_weights(
         model, guide: Pyro programs ``fn(x, y)`` following the model contract.
         x: data ``[batch, ...]``; y: optional conditioning ``[batch, ...]``.
         num_particles: K, the number of particles per datapoint.
-        proposal: ``"guide"`` (z ~ q(z|x,y)) or ``"prior"`` (z ~ p(z|y)).
+        proposal: ``"guide"`` (z ~ q(z|x,y)), ``"prior"`` (z ~ p(z|y)), or ``"mixture"``
+            (half from each, weighed against their average: defensive importance sampling).
         chunk_size: particles per vectorized pass (bounds memory); default all K at once.
         vectorize: run particles in one pass under an outer plate; False loops over them.
         nesting: the number of plate dimensions the pair uses (found by tracing if None).

@@ -202,3 +202,21 @@ def test_generate_and_reconstruct_shapes_follow_the_template(ppca):
     torch.testing.assert_close(mean.mean(0), model.mu.detach(), atol=3.0, rtol=0)
     recon = reconstruct(model.model, model.guide, x)
     assert recon.shape == x.shape
+
+
+def test_mixture_proposal_is_unbiased_and_bounded(ppca):
+    model, x = ppca
+    model.set_exact_guide()
+    with torch.no_grad():
+        model.guide_b.add_(0.3)
+    torch.manual_seed(4)
+    log_w = log_weights(model.model, model.guide, x, num_particles=4001, proposal="mixture", chunk_size=1000)
+    assert log_w.shape == (4001, 7)
+    iw, se, _ = iwae_estimate(log_w)
+    assert torch.all((iw - model.exact_log_marginal(x)).abs() < 4 * se + 1e-3)
+    # defensive weights never exceed 2 p(x | z) <= 2 max_z N(x; Wz + mu, sigma^2 I)
+    d = x.shape[1]
+    max_lik = -0.5 * d * math.log(2 * math.pi * 0.25)
+    assert log_w.max().item() <= max_lik + math.log(2.0) + 1e-9
+    single = log_weights(model.model, model.guide, x, num_particles=3, proposal="mixture", vectorize=False)
+    assert single.shape == (3, 7) and torch.isfinite(single).all()
