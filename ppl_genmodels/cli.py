@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--optimizer", choices=["adam", "adamw", "sgd", "rmsprop"], default="adam")
     fit.add_argument("--lr", type=float, default=1e-3)
     fit.add_argument("--batch-size", type=int, default=128)
-    fit.add_argument("--epochs", type=int, default=50)
-    fit.add_argument("--patience", type=_optional_int, default=10, help="early-stopping patience in epochs; 0 or none disables")
+    fit.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help="training epochs (default 50)")
+    fit.add_argument("--patience", type=_optional_int, default=argparse.SUPPRESS,
+                     help="early-stopping patience in epochs; 0 or none disables (default 10)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     fit.add_argument("--eval-k", type=int, default=100, help="particles of the IWAE-k test estimate (default 100)")
@@ -79,12 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", help="PNG path (default RUN/plots/samples_N.png)")
     sample.add_argument("--label", type=int, help="class to generate (conditional models on labels)")
     sample.add_argument("--seed", type=int, help="random seed")
+    sample.add_argument("--device", help="device to load the run on (default: the training device, else auto)")
 
     evaluate = sub.add_parser("evaluate", help="ELBO and IWAE-k estimates of log p(x) per datapoint")
     evaluate.add_argument("run", help="run directory")
     evaluate.add_argument("--k", type=int, default=100, help="importance samples per datapoint (default 100)")
     evaluate.add_argument("--split", choices=["train", "val", "test"], default="test")
     evaluate.add_argument("--n", type=int, help="evaluate only the first N datapoints of the split")
+    evaluate.add_argument("--device", help="device to load the run on (default: the training device, else auto)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sub.add_parser("models", help="list the built-in models")
@@ -97,16 +100,26 @@ FIT_OPTIONS = ["data_dir", "likelihood", "binarize", "condition", "visible_quadr
                "noise", "max_examples"]
 
 
+RESUMABLE = ("epochs", "patience", "device")  # what --resume may change; the rest of the run's config stays
+NEW_RUN_DEFAULTS = {"epochs": 50, "patience": 10}
+
+
 def _fit(args) -> int:
+    from ppl_genmodels.runs import ConfigError
     from ppl_genmodels.train import fit
 
     if args.resume:
-        options = {"epochs": args.epochs, "patience": args.patience}
-        if args.device != "auto":
-            options["device"] = args.device
+        defaults = vars(build_parser().parse_args(["fit"]))
+        changed = [name for name in FIT_OPTIONS + ["model", "data", "model_arg"]
+                   if name not in RESUMABLE and getattr(args, name) != defaults[name]]
+        if changed:
+            raise ConfigError(f"a resumed run keeps its configuration; cannot change {', '.join(changed)} with --resume")
+        options = {name: getattr(args, name) for name in RESUMABLE if hasattr(args, name)}
+        if options.get("device") == "auto":
+            del options["device"]
         run = fit(out=args.out, resume=True, progress=not args.quiet, plots=not args.no_plots, **options)
     else:
-        options = {name: getattr(args, name) for name in FIT_OPTIONS}
+        options = {name: getattr(args, name, NEW_RUN_DEFAULTS.get(name)) for name in FIT_OPTIONS}
         options["model_args"] = dict(args.model_arg)
         run = fit(args.model, args.data, args.out, progress=not args.quiet, plots=not args.no_plots, **options)
     summary = run.summary()
@@ -120,7 +133,7 @@ def _sample(args) -> int:
     from ppl_genmodels.evaluation import sample_run
     from ppl_genmodels.runs import load_run
 
-    path = sample_run(load_run(args.run), args.n, args.out, label=args.label, seed=args.seed)
+    path = sample_run(load_run(args.run, device=args.device), args.n, args.out, label=args.label, seed=args.seed)
     print(f"wrote {path}")
     return 0
 
@@ -129,7 +142,7 @@ def _evaluate(args) -> int:
     from ppl_genmodels.evaluation import evaluate_run
     from ppl_genmodels.runs import load_run
 
-    summary, _ = evaluate_run(load_run(args.run), k=args.k, split=args.split, n=args.n, progress=not args.quiet)
+    summary, _ = evaluate_run(load_run(args.run, device=args.device), k=args.k, split=args.split, n=args.n, progress=not args.quiet)
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"per-datapoint estimates: {args.run}/evaluation/per_datapoint.csv")
     return 0

@@ -143,7 +143,8 @@ def _load_class_from_file(spec: str):
     path = Path(path_text).expanduser()
     if not path.is_file():
         raise ConfigError(f"model file {path_text} does not exist (from --model {spec})")
-    module_name = f"ppl_genmodels_user_{abs(hash(str(path.resolve())))}"
+    # keyed by path and modification time: an edited file is imported afresh
+    module_name = f"ppl_genmodels_user_{abs(hash((str(path.resolve()), path.stat().st_mtime_ns)))}"
     if module_name in sys.modules:
         module = sys.modules[module_name]
     else:
@@ -182,9 +183,16 @@ def resolve_model_class(spec):
 
 
 def model_spec_string(spec) -> str:
-    """The string stored in config.json for a model given by name, file spec or class."""
+    """The string stored in config.json for a model given by name, file spec or class.
+
+    Model files are stored with absolute paths, so the run loads from any working directory.
+    """
     if not inspect.isclass(spec):
-        return str(spec)
+        text = str(spec)
+        path, sep, name = text.rpartition(":")
+        if sep and path.endswith(".py") and Path(path).is_file():
+            return f"{Path(path).resolve()}:{name}"
+        return text
     from ppl_genmodels.models import REGISTRY
 
     for name, cls in REGISTRY.items():
@@ -192,8 +200,11 @@ def model_spec_string(spec) -> str:
             return name
     try:
         path = inspect.getfile(spec)
-    except TypeError:
-        raise ConfigError(f"cannot locate the source file of model class {spec.__name__}") from None
+    except TypeError:  # module not registered in sys.modules: fall back on a method's code object
+        code = getattr(getattr(spec, "model", None), "__code__", None)
+        if code is None or not Path(code.co_filename).is_file():
+            raise ConfigError(f"cannot locate the source file of model class {spec.__name__}") from None
+        path = code.co_filename
     return f"{Path(path).resolve()}:{spec.__qualname__}"
 
 
@@ -294,7 +305,9 @@ def load_run(path, *, device: str | None = None, which: str = "best", model_clas
     config = read_config(path)
     if which not in ("best", "last"):
         raise ConfigError(f"which must be 'best' or 'last', got {which!r}")
-    dev = resolve_device(device or config.device)
+    if device is None:  # the training device may be absent here (a CUDA run loaded on a laptop)
+        device = config.device if config.device in ("auto", "cpu") or torch.cuda.is_available() else "auto"
+    dev = resolve_device(device)
     dataset = load_dataset_for(config)
     model = build_model(config, dataset, model_class)
     file = path / (BEST_FILE if which == "best" else CHECKPOINT_FILE)

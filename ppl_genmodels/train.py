@@ -86,8 +86,9 @@ def _check_contract(model, dataset) -> int:
     x, y = next(iter(dataset.batches("train", min(8, len(dataset.train.x)))))
     try:
         with torch.no_grad(), pyro.validation_enabled(True):
+            log_weights(model.model, model.guide, x, y, num_particles=1, vectorize=False)  # plates, sites
             nesting = max_plate_nesting(model.model, model.guide, x, y)
-            log_weights(model.model, model.guide, x, y, num_particles=2, nesting=nesting)
+            log_weights(model.model, model.guide, x, y, num_particles=2, nesting=nesting)  # broadcasting
     except TraceError:
         raise
     except Exception as err:
@@ -146,7 +147,10 @@ def fit(
         if not (out / runs.CHECKPOINT_FILE).is_file():
             raise ConfigError(f"{out} has no {runs.CHECKPOINT_FILE} to resume from")
     else:
-        config = RunConfig.from_dict({"model": runs.model_spec_string(model), "data": str(data), **options})
+        if options.get("data_dir"):
+            options["data_dir"] = str(Path(options["data_dir"]).resolve())
+        data = str(Path(data).resolve()) if Path(str(data)).suffix in (".npy", ".npz", ".csv") else str(data)
+        config = RunConfig.from_dict({"model": runs.model_spec_string(model), "data": data, **options})
         out = Path(out) if out is not None else Path("runs") / f"{Path(str(data)).stem}-{Path(config.model.split(':')[-1]).stem.lower()}"
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ConfigError(f"run directory {out} already exists; use --resume to continue it or choose another --out")
@@ -168,7 +172,9 @@ def fit(
         set_rng_state(state["rng"])
         shuffle.set_state(state["shuffle_rng"])
         best_val, bad_epochs = state["best_val"], state["bad_epochs"]
-        start_epoch, stopped_early = state["epoch"] + 1, state["stopped_early"]
+        start_epoch = state["epoch"] + 1
+        # patience may have been raised since: judge the saved counter against the new value
+        stopped_early = bool(config.patience) and bad_epochs >= config.patience
         history = pd.read_csv(out / runs.METRICS_FILE).to_dict("records")[: state["epoch"]]
     else:
         out.mkdir(parents=True, exist_ok=True)

@@ -112,11 +112,6 @@ def test_fit_resume_refuses_a_missing_run(tmp_path):
     _assert_error(code, out, err, "not a run directory")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli._fit passes the argparse defaults --epochs 50 and --patience 10 on --resume even when "
-           "they are not given, silently replacing the run's saved epochs and patience",
-)
 def test_fit_resume_keeps_saved_epochs_and_patience(tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
@@ -258,11 +253,6 @@ def test_sample_with_corrupt_checkpoint(digits_run, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_run resolves the device saved in config.json, so a run trained with --device cuda cannot "
-           "be sampled or evaluated on a machine without CUDA, and sample/evaluate have no --device option",
-)
 def test_sample_a_run_trained_on_cuda_on_a_cpu_machine(digits_run, tmp_path):
     copy = tmp_path / "gpu-run"
     shutil.copytree(digits_run[0], copy, ignore=shutil.ignore_patterns("plots"))

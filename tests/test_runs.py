@@ -181,11 +181,6 @@ def test_user_model_file_trains_and_reloads(tmp_path, monkeypatch):
     _assert_split_equal(loaded.data.test, run.data.test)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.json keeps a relative model-file path as given, so load_run from another "
-           "working directory cannot find the model file",
-)
 def test_run_with_relative_model_path_loads_from_another_directory(tmp_path, monkeypatch):
     project = tmp_path / "project"
     project.mkdir()
@@ -201,11 +196,6 @@ def test_run_with_relative_model_path_loads_from_another_directory(tmp_path, mon
     assert type(run.model).__name__ == "TinyVAE"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.json keeps a relative data-file path as given, so load_run from another "
-           "working directory cannot find the data",
-)
 def test_run_with_relative_data_path_loads_from_another_directory(tmp_path, monkeypatch):
     project = tmp_path / "project"
     project.mkdir()
