@@ -29,6 +29,8 @@ Why the comparison is fair
 - Both are warmed up, then timed in interleaved repeats (toolkit, then
   hand-written, in each repeat), so drifts in machine load hit both alike; the
   reported figure is the median over repeats of the per-repeat time ratio.
+  On a busy host, ``--block 5`` alternates the two sides every 5 steps inside
+  each repeat, which keeps short bursts of load from landing on one side only.
 
 The difference measured is therefore the cost of expressing the model as a
 Pyro program (tracing, plates, distribution wrappers, ELBO bookkeeping) and of
@@ -36,8 +38,11 @@ the toolkit's training-step wrapper, over the bare tensor computation.
 
 Usage::
 
-    python benchmarks/train_step.py [--repeats 7] [--steps 50] [--batch-size 128]
+    python benchmarks/train_step.py [--repeats 7] [--steps 50] [--warmup 20] [--block K]
+                                    [--batch-size 128] [--n 4096]
                                     [--device auto|cpu|cuda] [--threads N]
+
+The last line printed is ``median ratio (toolkit / hand-written): R``.
 """
 
 from __future__ import annotations
