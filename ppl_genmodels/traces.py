@@ -28,6 +28,7 @@ runs the particles one at a time for models that do not broadcast.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import pyro
@@ -47,6 +48,10 @@ __all__ = [
     "log_mean_exp",
     "generate",
     "reconstruct",
+    "LatentSite",
+    "LatentLayout",
+    "latent_layout",
+    "LogJoint",
 ]
 
 
@@ -285,3 +290,165 @@ def reconstruct(model: Callable, guide: Callable, x: torch.Tensor, y: torch.Tens
     guide_trace = poutine.trace(guide).get_trace(x, y)
     trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y)
     return _site_mean(trace.nodes[_pick_observed(trace, site)])
+
+
+# ---------------------------------------------------------------------------------------------
+# The latents as one unconstrained vector per datapoint: the conditioned log joint for HMC / AIS
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LatentSite:
+    """One latent sample site: its constrained event shape and the map from unconstrained space."""
+
+    name: str
+    event_shape: torch.Size          # of z, the constrained value
+    unconstrained_shape: torch.Size  # of u = transform.inv(z)
+    transform: torch.distributions.Transform  # u -> z, biject_to(support)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.unconstrained_shape)
+
+
+@dataclass
+class LatentLayout:
+    """How the per-datapoint latent sites of a model map to a flat vector ``u  # [..., dim]``.
+
+    Samplers move in unconstrained space: a latent with support S is written
+    z = T(u) with T = ``biject_to(S)`` (e.g. exp for a positive latent), so the
+    density of u is p(T(u)) |det dT/du| and a sampler never leaves the support.
+    """
+
+    sites: list[LatentSite]
+
+    @property
+    def dim(self) -> int:
+        return sum(s.numel for s in self.sites)
+
+    def unpack(self, u: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``u [..., dim]`` -> (constrained values per site ``[..., *event_shape]``, log|det J| ``[...]``)."""
+        lead = u.shape[:-1]
+        values, log_jac, start = {}, u.new_zeros(lead), 0
+        for site in self.sites:
+            piece = u[..., start : start + site.numel].reshape(lead + site.unconstrained_shape)
+            start += site.numel
+            z = site.transform(piece)
+            values[site.name] = z
+            ladj = site.transform.log_abs_det_jacobian(piece, z)
+            if ladj.dim() > len(lead):
+                ladj = ladj.reshape(ladj.shape[: len(lead)] + (-1,)).sum(-1)
+            log_jac = log_jac + ladj
+        return values, log_jac
+
+    def pack(self, values: dict[str, torch.Tensor], lead: tuple) -> torch.Tensor:
+        """Constrained values per site (leading shape ``lead``) -> ``u [*lead, dim]``."""
+        parts = []
+        for site in self.sites:
+            u = site.transform.inv(values[site.name].expand(tuple(lead) + site.event_shape))
+            parts.append(u.reshape(tuple(lead) + (site.numel,)))
+        return torch.cat(parts, -1)
+
+
+def latent_layout(model: Callable, x: torch.Tensor, y: torch.Tensor | None = None) -> LatentLayout:
+    """The latent sites of ``model`` on data ``x``, each of batch shape exactly ``[batch]`` (the data plate)."""
+    from torch.distributions import biject_to
+
+    with torch.no_grad(), poutine.block():
+        trace = prune_subsample_sites(poutine.trace(model).get_trace(x, y))
+    sites = []
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"]:
+            continue
+        fn = site["fn"]
+        if DATA_PLATE not in _plate_dims(site):
+            raise TraceError(f"latent site {name!r} is outside pyro.plate({DATA_PLATE!r})")
+        if tuple(fn.batch_shape) != (x.shape[0],):
+            raise TraceError(
+                f"latent site {name!r} has batch shape {tuple(fn.batch_shape)}; samplers need latents whose "
+                "batch shape is just the data plate (declare vector latents with .to_event)"
+            )
+        if fn.support.is_discrete:
+            raise TraceError(f"latent site {name!r} is discrete; HMC and AIS need continuous latents")
+        transform = biject_to(fn.support)
+        event = torch.Size(fn.event_shape)
+        sites.append(LatentSite(name, event, torch.Size(transform.inverse_shape(event)), transform))
+    if not sites:
+        raise TraceError("the model has no latent sites")
+    return LatentLayout(sites)
+
+
+def _particle_wrapped(fn: Callable, num: int, dim: int) -> Callable:
+    def wrapped(*args):
+        with pyro.plate(PARTICLE_PLATE, num, dim=dim):
+            return fn(*args)
+
+    return wrapped
+
+
+class LogJoint:
+    """Annealing ingredients of a model/guide pair on fixed data, as functions of ``u [chains, batch, dim]``.
+
+    ``__call__(u)`` returns ``(log_init, log_target)``, both ``[chains, batch]``, in
+    unconstrained space (the log|det J| of the transform included in both):
+
+    - ``log_target = log p(x, z(u) | y) + log|J|``, the unnormalised posterior;
+    - ``log_init = log r(z(u)) + log|J|``, a normalised initial density: r = p(z | y)
+      (``init="prior"``) or the amortized guide q(z | x, y) (``init="guide"``).
+
+    ``sample_init(chains)`` draws u from r. The model runs with its latents
+    conditioned on z(u) under an extra ``particles`` plate for the chains.
+    """
+
+    def __init__(self, model: Callable, guide: Callable, x: torch.Tensor, y: torch.Tensor | None = None,
+                 *, init: str = "prior", nesting: int | None = None):
+        if init not in ("prior", "guide"):
+            raise ValueError(f"unknown initial distribution {init!r}; expected 'prior' or 'guide'")
+        self.model, self.guide, self.x, self.y, self.init = model, guide, x, y, init
+        self.layout = latent_layout(model, x, y)
+        self.nesting = max_plate_nesting(model, guide, x, y) if nesting is None else nesting
+        self.particle_dim = -self.nesting - 1
+
+    @property
+    def dim(self) -> int:
+        return self.layout.dim
+
+    def _reduce(self, chains):
+        return lambda site: _site_log_prob(site, self.particle_dim, chains, self.x.shape[0])
+
+    def __call__(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        chains = u.shape[0]
+        values, log_jac = self.layout.unpack(u)
+        names = set(values)
+        conditioned = _particle_wrapped(poutine.condition(self.model, data=values), chains, self.particle_dim)
+        trace = prune_subsample_sites(poutine.trace(conditioned).get_trace(self.x, self.y))
+        reduce = self._reduce(chains)
+        log_prior = log_lik = 0.0
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if name in names:
+                log_prior = log_prior + reduce(site)
+            elif site["is_observed"]:
+                log_lik = log_lik + reduce(site)
+            else:
+                raise TraceError(f"latent site {name!r} appeared that the layout does not know")
+        log_target = log_prior + log_lik + log_jac
+        if self.init == "prior":
+            return log_prior + log_jac, log_target
+        guided = _particle_wrapped(poutine.condition(self.guide, data=values), chains, self.particle_dim)
+        guide_trace = prune_subsample_sites(poutine.trace(guided).get_trace(self.x, self.y))
+        log_q = 0.0
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "sample" and name in names:
+                log_q = log_q + reduce(site)
+        return log_q + log_jac, log_target
+
+    @torch.no_grad()
+    def sample_init(self, chains: int) -> torch.Tensor:
+        """u ~ r, ``[chains, batch, dim]``."""
+        program = self.model if self.init == "prior" else self.guide
+        trace = poutine.trace(_particle_wrapped(program, chains, self.particle_dim)).get_trace(self.x, self.y)
+        batch = self.x.shape[0]
+        values = {s.name: trace.nodes[s.name]["value"].expand((chains, batch) + s.event_shape) for s in self.layout.sites}
+        return self.layout.pack(values, (chains, batch))
