@@ -11,7 +11,7 @@ from pyro.nn import PyroModule
 from ppl_genmodels.inference import hmc
 from ppl_genmodels.inference.ais import ais, bdmc, linear_schedule, sigmoid_schedule, simulate
 from ppl_genmodels.inference.importance import iwae_estimate
-from ppl_genmodels.models.ppca import PPCA
+from conftest import make_ppca
 from ppl_genmodels.traces import LogJoint, TraceError, latent_layout, log_weights
 
 
@@ -69,14 +69,7 @@ def test_hmc_rejects_divergent_trajectories():
 
 @pytest.fixture
 def ppca():
-    torch.manual_seed(0)
-    model = PPCA(5, 2).double()
-    with torch.no_grad():
-        model.W.copy_(torch.randn(5, 2, dtype=torch.float64))
-        model.mu.copy_(torch.randn(5, dtype=torch.float64))
-        model.log_sigma.fill_(math.log(0.5))
-    x, _ = model.sample_data(8)
-    return model, x
+    return make_ppca(8)
 
 
 @pytest.mark.parametrize("init", ["prior", "guide"])

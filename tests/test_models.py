@@ -15,7 +15,6 @@ import math
 from pathlib import Path
 
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
 import torch.nn.functional as F

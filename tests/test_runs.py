@@ -13,7 +13,6 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.nn import PyroModule
 
 from ppl_genmodels import ConfigError, TraceError, fit, load_run
 from ppl_genmodels.checkpoint import load_checkpoint

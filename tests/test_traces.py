@@ -10,20 +10,9 @@ from pyro.nn import PyroModule
 
 from ppl_genmodels.inference.importance import elbo_estimate, importance_estimates, iwae_estimate
 from ppl_genmodels.inference.objectives import make_objective
-from ppl_genmodels.models.ppca import PPCA
 from ppl_genmodels.traces import TraceError, generate, log_mean_exp, log_weights, max_plate_nesting, reconstruct
 
 
-@pytest.fixture
-def ppca():
-    torch.manual_seed(0)
-    model = PPCA(5, 2).double()
-    with torch.no_grad():
-        model.W.copy_(torch.randn(5, 2, dtype=torch.float64))
-        model.mu.copy_(torch.randn(5, dtype=torch.float64))
-        model.log_sigma.fill_(math.log(0.5))
-    x, _ = model.sample_data(7)
-    return model, x
 
 
 def test_exact_guide_gives_constant_weights_equal_to_log_marginal(ppca):

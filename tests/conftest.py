@@ -1,0 +1,25 @@
+"""Shared fixtures."""
+
+import math
+
+import pytest
+import torch
+
+from ppl_genmodels.models.ppca import PPCA
+
+
+def make_ppca(n: int = 7, seed: int = 0):
+    """A float64 PPCA (5-D data, 2-D latent, sigma 0.5) with random W, mu and ``n`` datapoints drawn from it."""
+    torch.manual_seed(seed)
+    model = PPCA(5, 2).double()
+    with torch.no_grad():
+        model.W.copy_(torch.randn(5, 2, dtype=torch.float64))
+        model.mu.copy_(torch.randn(5, dtype=torch.float64))
+        model.log_sigma.fill_(math.log(0.5))
+    x, _ = model.sample_data(n)
+    return model, x
+
+
+@pytest.fixture
+def ppca():
+    return make_ppca(7)
