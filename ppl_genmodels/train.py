@@ -50,9 +50,11 @@ def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 @torch.no_grad()
 def validation_elbo(model, dataset, split: str = "val", batch_size: int = 512) -> float:
     """Single-particle ELBO estimate averaged over the datapoints of ``split`` (nats per datapoint)."""
-    total, count = 0.0, 0
+    total, count, nesting = 0.0, 0, None
     for x, y in dataset.batches(split, batch_size):
-        log_w = log_weights(model.model, model.guide, x, y, num_particles=1)  # [1, batch]
+        if nesting is None:
+            nesting = max_plate_nesting(model.model, model.guide, x, y)
+        log_w = log_weights(model.model, model.guide, x, y, num_particles=1, nesting=nesting)  # [1, batch]
         total += log_w.sum().item()
         count += x.shape[0]
     return total / count
