@@ -1,6 +1,6 @@
 """Importance-sampling estimates of log p(x) per datapoint, with error bars.
 
-All estimators are small functions of one tensor of log weights
+All estimators are small functions of the log weights
 ``log_w  # [particles, batch]`` from :func:`ppl_genmodels.traces.log_weights`
 (see that module for the maths of the weights).
 
@@ -15,6 +15,25 @@ All estimators are small functions of one tensor of log weights
 - ESS = (sum w)^2 / sum w^2 (Kong 1992): how many independent draws from
   p(z|x) the K weighted particles are worth; a small ESS warns that the
   IWAE estimate (and its standard error) is unreliable.
+
+For large K the ``[K, batch]`` tensor need never exist: :class:`ImportanceAccumulator`
+takes the particles chunk by chunk and keeps, per datapoint, only
+
+    m        running max of log w (the shift that keeps exp from overflowing)
+    s1       sum_k w_k / e^m                        (rescaled by e^(m_old - m_new) when m grows)
+    M2_w     sum_k (w_k / e^m - mean)^2             (rescaled by e^(2 (m_old - m_new)))
+    mean, M2 of log w                               (for the ELBO from the same particles)
+
+Centred sums of squares are merged across chunks with the pairwise update of
+Chan, Golub & LeVeque (1979), "Updating formulae and a pairwise algorithm for
+computing sample variances", which avoids the cancellation of
+sum w^2 - (sum w)^2 / K when the weights are nearly equal (a good guide). Then
+s2 = sum w^2 / e^(2m) = M2_w + s1^2 / K, and
+
+    IWAE-K = m + log(s1 / K),   ESS = s1^2 / s2,   se = sqrt(M2_w / (K - 1)) / (sqrt(K) s1 / K).
+
+:func:`streaming_estimates` drives it with ``traces.log_weights(..., num_particles=chunk)``,
+so memory is bounded by the chunk whatever K is.
 """
 
 from __future__ import annotations
@@ -22,12 +41,22 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
+from ppl_genmodels import traces
 from ppl_genmodels.traces import log_mean_exp, log_weights
 
-__all__ = ["Estimate", "elbo_estimate", "iwae_estimate", "importance_estimates"]
+__all__ = [
+    "Estimate",
+    "ImportanceStats",
+    "ImportanceAccumulator",
+    "elbo_estimate",
+    "iwae_estimate",
+    "importance_estimates",
+    "streaming_estimates",
+]
 
 
 @dataclass
@@ -61,6 +90,121 @@ def iwae_estimate(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     else:
         stderr = torch.full_like(value, float("nan"))
     return value, stderr, ess
+
+
+class ImportanceStats(NamedTuple):
+    """ELBO and IWAE-K per datapoint from K particles (each field ``[batch]``)."""
+
+    elbo: torch.Tensor
+    elbo_se: torch.Tensor
+    iwae: torch.Tensor
+    iwae_se: torch.Tensor
+    ess: torch.Tensor
+    num_particles: int
+
+
+class ImportanceAccumulator:
+    """Running ELBO / IWAE-K statistics over chunks of log weights ``[k_chunk, batch]``.
+
+    ``update`` any number of chunks (of any sizes), then ``result()``: the same
+    numbers, up to rounding, as :func:`elbo_estimate` and :func:`iwae_estimate`
+    on the concatenated chunks, from O(batch) memory.
+    """
+
+    def __init__(self):
+        self.count = 0
+        self.max = None       # [B] running max of log w (-inf while every weight so far is 0)
+        self.shift = None     # [B] m: the max where finite, else 0; the sums below are in units of e^m
+        self.sum_w = None     # [B] s1 = sum w / e^m
+        self.m2_w = None      # [B] sum (w / e^m - mean)^2
+        self.mean_log = None  # [B] mean log w
+        self.m2_log = None    # [B] sum (log w - mean log w)^2
+
+    def update(self, log_w: torch.Tensor) -> "ImportanceAccumulator":
+        """Add a chunk of particles ``log_w  # [k_chunk, batch]``."""
+        log_w = log_w.detach()
+        if log_w.dim() != 2 or log_w.shape[0] == 0:
+            raise ValueError(f"expected log weights [particles, batch] with particles >= 1, got {tuple(log_w.shape)}")
+        n_b = log_w.shape[0]
+        chunk_max = log_w.max(0).values
+        new_max = chunk_max if self.count == 0 else torch.maximum(self.max, chunk_max)
+        shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+        w = torch.exp(log_w - shift)  # [k_chunk, B], at most 1
+        mean_b = w.mean(0)
+        m2_b = ((w - mean_b) ** 2).sum(0)
+        mean_log_b = log_w.mean(0)
+        m2_log_b = ((log_w - mean_log_b) ** 2).sum(0)
+        if self.count == 0:
+            self.sum_w, self.m2_w, self.mean_log, self.m2_log = w.sum(0), m2_b, mean_log_b, m2_log_b
+        else:
+            n_a = self.count
+            n = n_a + n_b
+            # the old sums in units of the new max; clamped for a datapoint whose earlier weights were all 0
+            scale = torch.exp((self.shift - shift).clamp_max(0.0))
+            mean_a = self.sum_w * scale / n_a
+            delta = mean_b - mean_a
+            self.m2_w = self.m2_w * scale**2 + m2_b + delta**2 * (n_a * n_b / n)
+            self.sum_w = self.sum_w * scale + w.sum(0)
+            delta_log = mean_log_b - self.mean_log
+            merged = self.mean_log + delta_log * (n_b / n)
+            zero_weight = torch.isneginf(self.mean_log) | torch.isneginf(mean_log_b)  # a weight of 0: ELBO -inf
+            self.mean_log = torch.where(zero_weight, torch.full_like(merged, -math.inf), merged)
+            self.m2_log = self.m2_log + m2_log_b + delta_log**2 * (n_a * n_b / n)
+        self.max, self.shift = new_max, shift
+        self.count += n_b
+        return self
+
+    @property
+    def sum_w_squared(self) -> torch.Tensor:
+        """s2 = sum w^2 / e^(2m), per datapoint."""
+        return self.m2_w + self.sum_w**2 / self.count
+
+    def result(self) -> ImportanceStats:
+        """ELBO, its standard error, IWAE-K, its delta-method standard error and the ESS."""
+        if self.count == 0:
+            raise ValueError("no log weights were added")
+        k = self.count
+        mean_w = self.sum_w / k
+        iwae = self.shift + torch.log(mean_w)
+        ess = self.sum_w**2 / self.sum_w_squared
+        if k > 1:
+            elbo_se = torch.sqrt(self.m2_log.clamp_min(0) / (k - 1)) / math.sqrt(k)
+            iwae_se = torch.sqrt(self.m2_w.clamp_min(0) / (k - 1)) / (math.sqrt(k) * mean_w)
+        else:
+            elbo_se = torch.full_like(iwae, float("nan"))
+            iwae_se = torch.full_like(iwae, float("nan"))
+        return ImportanceStats(self.mean_log, elbo_se, iwae, iwae_se, ess, k)
+
+
+@torch.no_grad()
+def streaming_estimates(model, guide, x, y=None, *, k: int = 100, chunk_size: int | None = 1000,
+                        proposal: str = "guide") -> tuple[Estimate, Estimate]:
+    """ELBO and IWAE-k for one batch of data from the same k particles, ``chunk_size`` at a time.
+
+    Never holds more than ``[chunk_size, batch]`` log weights, so k may be as
+    large as patience allows. ``proposal`` is that of :func:`ppl_genmodels.traces.log_weights`;
+    for ``"mixture"`` chunks hold an even number of particles, so every chunk
+    (and the whole) draws half its particles from the guide and half from the prior.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if proposal not in traces.PROPOSALS:
+        raise ValueError(f"unknown proposal {proposal!r}; expected one of {', '.join(traces.PROPOSALS)}")
+    start = time.perf_counter()
+    chunk = k if chunk_size is None else max(1, min(int(chunk_size), k))
+    if proposal == "mixture" and chunk % 2 and chunk < k:
+        chunk += 1
+    nesting = traces.max_plate_nesting(model, guide, x, y)
+    acc = ImportanceAccumulator()
+    done = 0
+    while done < k:
+        size = min(chunk, k - done)
+        acc.update(traces.log_weights(model, guide, x, y, num_particles=size, proposal=proposal, nesting=nesting))
+        done += size
+    stats = acc.result()
+    seconds = time.perf_counter() - start
+    return (Estimate("elbo", stats.elbo, stats.elbo_se, None, seconds),
+            Estimate(f"iwae{k}", stats.iwae, stats.iwae_se, stats.ess, seconds))
 
 
 @torch.no_grad()

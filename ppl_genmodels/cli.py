@@ -82,13 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, help="random seed")
     sample.add_argument("--device", help="device to load the run on (default: the training device, else auto)")
 
-    evaluate = sub.add_parser("evaluate", help="ELBO and IWAE-k estimates of log p(x) per datapoint")
+    evaluate = sub.add_parser("evaluate", help="estimates of log p(x) per datapoint: ELBO, IWAE-k, AIS, exact")
     evaluate.add_argument("run", help="run directory")
-    evaluate.add_argument("--k", type=int, default=100, help="importance samples per datapoint (default 100)")
+    evaluate.add_argument("--estimators", help="comma-separated elbo[:K], iwae[:K], ais[:T], exact (default elbo,iwae:100; "
+                          "exact is added for models with a closed form)")
+    evaluate.add_argument("--k", type=int, help="shorthand for --estimators elbo,iwae:K")
     evaluate.add_argument("--split", choices=["train", "val", "test"], default="test")
     evaluate.add_argument("--n", type=int, help="evaluate only the first N datapoints of the split")
+    evaluate.add_argument("--chains", type=int, default=16, help="AIS chains per datapoint (default 16)")
+    evaluate.add_argument("--batch-size", type=int, help="datapoints per pass (default: sized to bound memory)")
+    evaluate.add_argument("--ais-init", choices=["prior", "guide"], default="prior",
+                          help="AIS initial distribution (default prior)")
+    evaluate.add_argument("--proposal", choices=["guide", "prior", "mixture"], default="guide",
+                          help="importance proposal of elbo and iwae (default guide)")
     evaluate.add_argument("--device", help="device to load the run on (default: the training device, else auto)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    bdmc = sub.add_parser("bdmc", help="sandwich bounds on log p(x) of data simulated from the model (BDMC)")
+    bdmc.add_argument("run", help="run directory")
+    bdmc.add_argument("--n", type=int, default=100, help="simulated datapoints (default 100)")
+    bdmc.add_argument("--steps", type=int, default=1000, help="annealing steps of each AIS direction (default 1000)")
+    bdmc.add_argument("--chains", type=int, default=16, help="AIS chains per datapoint (default 16)")
+    bdmc.add_argument("--batch-size", type=int, help="datapoints per pass (default: sized to bound memory)")
+    bdmc.add_argument("--device", help="device to load the run on (default: the training device, else auto)")
+    bdmc.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sub.add_parser("models", help="list the built-in models")
     sub.add_parser("datasets", help="list the built-in datasets")
@@ -138,13 +155,48 @@ def _sample(args) -> int:
     return 0
 
 
+def _print_summary(summary, what: str) -> None:
+    print(f"{what}: mean over datapoints (nats), its standard error, datapoints, seconds")
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
 def _evaluate(args) -> int:
-    from ppl_genmodels.evaluation import evaluate_run
+    from ppl_genmodels.evaluation import evaluate_run, parse_estimators
     from ppl_genmodels.runs import load_run
 
-    summary, _ = evaluate_run(load_run(args.run, device=args.device), k=args.k, split=args.split, n=args.n, progress=not args.quiet)
-    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"per-datapoint estimates: {args.run}/evaluation/per_datapoint.csv")
+    if args.estimators is not None and args.k is not None:
+        raise ValueError("give --estimators or --k, not both")
+    if args.k is not None and args.k < 1:
+        raise ValueError(f"k must be >= 1, got {args.k}")
+    estimators = f"elbo,iwae:{args.k}" if args.k is not None else args.estimators
+    if estimators is not None:
+        parse_estimators(estimators)  # a bad spec fails before the run is loaded
+    run = load_run(args.run, device=args.device)
+    summary, _ = evaluate_run(run, estimators=estimators, split=args.split, n=args.n, batch_size=args.batch_size,
+                              chains=args.chains, ais_init=args.ais_init, proposal=args.proposal,
+                              progress=not args.quiet)
+    _print_summary(summary, f"log p(x) on the {args.split} split")
+    folder = run.path / "evaluation"
+    print(f"summary: {folder / 'summary.csv'}")
+    print(f"per-datapoint estimates: {folder / 'per_datapoint.csv'}")
+    return 0
+
+
+def _bdmc(args) -> int:
+    from ppl_genmodels.evaluation import bdmc_run
+    from ppl_genmodels.runs import load_run
+
+    for name in ("n", "steps", "chains", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    run = load_run(args.run, device=args.device)
+    summary, _ = bdmc_run(run, n=args.n, num_steps=args.steps, chains=args.chains, batch_size=args.batch_size,
+                          progress=not args.quiet)
+    _print_summary(summary, f"BDMC bounds on log p(x) of simulated data ({args.steps} steps)")
+    folder = run.path / "evaluation"
+    print(f"summary: {folder / 'bdmc_summary.csv'}")
+    print(f"per-datapoint bounds: {folder / 'bdmc_per_datapoint.csv'}")
     return 0
 
 
@@ -171,6 +223,8 @@ def main(argv=None) -> int:
             return _sample(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "bdmc":
+            return _bdmc(args)
         if args.command == "models":
             from ppl_genmodels.models import DESCRIPTIONS
 
