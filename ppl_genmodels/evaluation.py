@@ -55,7 +55,8 @@ __all__ = [
     "sample_run",
 ]
 
-_ROWS_PER_PASS = 50_000  # particles x datapoints per vectorized pass: bounds memory whatever k is
+_ROWS_PER_PASS = 8_192  # particles x datapoints per vectorized pass: bounds memory whatever k is;
+# 4k-16k rows keep the temporaries small enough to be reused (benchmarks/evaluate.py)
 _AIS_ROWS = 16_384       # chains x datapoints per AIS batch (each HMC step back-propagates through them)
 
 ESTIMATORS = {
