@@ -28,11 +28,16 @@ selected with the position on acceptance and never fed back into the dynamics.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
 
-__all__ = ["HMCState", "HMCInfo", "value_and_grad", "init", "step", "adapt_step_size"]
+__all__ = [
+    "HMCState", "HMCInfo", "value_and_grad", "init", "step", "adapt_step_size",
+    "DualAveragingState", "dual_averaging_init", "dual_averaging_update",
+    "WelfordState", "welford_init", "welford_update", "welford_final",
+]
 
 
 class HMCState(NamedTuple):
@@ -116,3 +121,69 @@ def adapt_step_size(step_size: torch.Tensor, accept_prob: torch.Tensor, target: 
     rate = accept_prob.mean(0).reshape(step_size.shape)
     scale = torch.where(rate > target, torch.full_like(rate, factor), torch.full_like(rate, 1.0 / factor))
     return (step_size * scale).clamp(*bounds)
+
+
+# ------------------------------------------------------------------------------------------
+# Warm-up adaptation: dual averaging of the step size, Welford estimates of the diagonal mass
+# ------------------------------------------------------------------------------------------
+
+
+class DualAveragingState(NamedTuple):
+    log_step: torch.Tensor       # current log step size, any shape (e.g. [chains, batch, 1])
+    log_step_avg: torch.Tensor   # iterate average, the step size to keep after warm-up
+    h_bar: torch.Tensor          # running average of (target - acceptance)
+    mu: torch.Tensor             # shrinkage point, log(10 * initial step size)
+    count: int
+
+
+def dual_averaging_init(step_size: torch.Tensor) -> DualAveragingState:
+    """Start dual averaging at ``step_size`` (Nesterov 2009; Hoffman & Gelman 2014, sec. 3.2)."""
+    log_step = step_size.log()
+    return DualAveragingState(log_step, torch.zeros_like(log_step), torch.zeros_like(log_step),
+                              math.log(10.0) + log_step, 0)
+
+
+def dual_averaging_update(state: DualAveragingState, accept_prob: torch.Tensor, target: float = 0.65,
+                          gamma: float = 0.05, t0: float = 10.0, kappa: float = 0.75) -> DualAveragingState:
+    """One update from ``accept_prob`` (shape of ``log_step`` without its trailing 1) toward ``target``.
+
+    The defaults are Stan's (gamma 0.05, t0 10, kappa 0.75); 0.65 is the optimal
+    acceptance for HMC with a fixed number of leapfrog steps (Beskos et al. 2013).
+    """
+    t = state.count + 1
+    accept = accept_prob.reshape(state.log_step.shape).to(state.log_step.dtype)
+    h_bar = (1 - 1 / (t + t0)) * state.h_bar + (target - accept) / (t + t0)
+    log_step = state.mu - math.sqrt(t) / gamma * h_bar
+    eta = t ** (-kappa)
+    log_step_avg = eta * log_step + (1 - eta) * state.log_step_avg
+    return DualAveragingState(log_step, log_step_avg, h_bar, state.mu, t)
+
+
+class WelfordState(NamedTuple):
+    count: int
+    mean: torch.Tensor   # [batch, dim]
+    m2: torch.Tensor     # [batch, dim]
+
+
+def welford_init(like: torch.Tensor) -> WelfordState:
+    """Running per-target variance over chains and iterations; ``like  # [chains, batch, dim]``."""
+    return WelfordState(0, torch.zeros_like(like[0]), torch.zeros_like(like[0]))
+
+
+def welford_update(state: WelfordState, position: torch.Tensor) -> WelfordState:
+    """Add every chain's ``position  # [chains, batch, dim]`` (Chan et al.'s pairwise merge)."""
+    n_new = position.shape[0]
+    mean_new = position.mean(0)
+    m2_new = ((position - mean_new) ** 2).sum(0)
+    n = state.count + n_new
+    delta = mean_new - state.mean
+    mean = state.mean + delta * n_new / n
+    m2 = state.m2 + m2_new + delta**2 * state.count * n_new / n
+    return WelfordState(n, mean, m2)
+
+
+def welford_final(state: WelfordState) -> torch.Tensor:
+    """Regularised variance estimate ``[batch, dim]`` (Stan's shrinkage toward 1e-3)."""
+    n = state.count
+    var = state.m2 / max(n - 1, 1)
+    return (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
