@@ -10,6 +10,7 @@ Declare a model as a ``PyroModule`` with ``model(x, y=None)`` and
 
 from ppl_genmodels.data import DataError, Dataset, load_dataset
 from ppl_genmodels.evaluation import bdmc_run, evaluate, evaluate_run, log_density_grid, plot_run, sample_run
+from ppl_genmodels.inference.compare import compare_run
 from ppl_genmodels.runs import ConfigError, Run, RunConfig, build_model, load_run
 from ppl_genmodels.traces import TraceError, generate, log_weights, reconstruct
 from ppl_genmodels.train import Trainer, TrainingDiverged, fit
@@ -22,6 +23,7 @@ __all__ = [
     "evaluate",
     "evaluate_run",
     "bdmc_run",
+    "compare_run",
     "sample_run",
     "plot_run",
     "log_density_grid",

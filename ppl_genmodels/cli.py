@@ -107,6 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     bdmc.add_argument("--device", help="device to load the run on (default: the training device, else auto)")
     bdmc.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    compare = sub.add_parser("compare", help="amortized guide vs MCMC, per-datapoint guides and exact posteriors: "
+                             "gap decomposition and posterior discrepancies")
+    compare.add_argument("run", help="run directory")
+    compare.add_argument("--n", type=int, default=100, help="first N datapoints of the split (default 100)")
+    compare.add_argument("--split", choices=["train", "val", "test"], default="test")
+    compare.add_argument("--mcmc", choices=["hmc", "nuts"], default="hmc",
+                         help="batched HMC, or Pyro's NUTS (one datapoint and chain at a time; slow) (default hmc)")
+    compare.add_argument("--chains", type=int, default=4, help="MCMC chains per datapoint (default 4)")
+    compare.add_argument("--samples", type=int, default=1000, help="MCMC draws per chain (default 1000)")
+    compare.add_argument("--warmup", type=int, default=1000, help="MCMC warm-up iterations (default 1000)")
+    compare.add_argument("--local-steps", type=int, default=500, help="Adam steps of the per-datapoint guides (default 500)")
+    compare.add_argument("--logp-k", type=int, default=5000,
+                         help="IWAE particles for log p(x) when the model has no closed form (default 5000)")
+    compare.add_argument("--seed", type=int, help="random seed")
+    compare.add_argument("--device", help="device to load the run on (default: the training device, else auto)")
+    compare.add_argument("--quiet", action="store_true", help="no progress bar")
+
     sub.add_parser("models", help="list the built-in models")
     sub.add_parser("datasets", help="list the built-in datasets")
     return parser
@@ -200,6 +217,35 @@ def _bdmc(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from ppl_genmodels.inference.compare import compare_run
+    from ppl_genmodels.runs import load_run
+
+    for name in ("n", "chains", "samples", "logp_k"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("warmup", "local_steps"):
+        value = getattr(args, name)
+        if value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    run = load_run(args.run, device=args.device)
+    summary, per, _ = compare_run(run, n=args.n, split=args.split, mcmc=args.mcmc, chains=args.chains,
+                                  samples=args.samples, warmup=args.warmup, local_steps=args.local_steps,
+                                  logp_k=args.logp_k, seed=args.seed, progress=not args.quiet)
+    print(f"inference on the first {len(per)} datapoints of the {args.split} split: log p(x) and ELBOs (nats), "
+          "gaps, discrepancies from MCMC / exact draws, MCMC diagnostics")
+    print(summary.T.to_string(header=False, float_format=lambda v: f"{v:.4f}"))
+    folder = run.path / "compare"
+    print(f"summary: {folder / 'summary.csv'}")
+    print(f"per-datapoint gaps, diagnostics and discrepancies: {folder / 'per_datapoint.csv'}")
+    print(f"draws (ArviZ InferenceData): {folder / 'posterior.nc'}")
+    figures = sorted(p.name for p in folder.glob("*.png"))
+    if figures:
+        print(f"figures in {folder}: {', '.join(figures)}")
+    return 0
+
+
 def _list(table: dict, header: str) -> int:
     width = max(len(k) for k in table)
     print(f"{header:<{width}}  description")
@@ -225,6 +271,8 @@ def main(argv=None) -> int:
             return _evaluate(args)
         if args.command == "bdmc":
             return _bdmc(args)
+        if args.command == "compare":
+            return _compare(args)
         if args.command == "models":
             from ppl_genmodels.models import DESCRIPTIONS
 

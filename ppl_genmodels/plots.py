@@ -20,6 +20,8 @@ image_grid                 grey-level images tiled into a grid.
 plot_reconstructions       originals above their reconstructions.
 assemble_quadrant_images   put visible / predicted pixel values back into images.
 plot_density_2d            learned 2-D density next to the data and true manifold.
+plot_posteriors_2d         draws of a 2-D latent from several inference methods.
+plot_gap_histogram         per-datapoint approximation and amortization gaps.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ __all__ = [
     "assemble_quadrant_images",
     "plot_density_2d",
     "plot_points_2d",
+    "plot_posteriors_2d",
+    "plot_gap_histogram",
 ]
 
 DPI = 100
@@ -400,4 +404,82 @@ def plot_points_2d(points, path, *, data=None, true_manifold=None, title=None) -
     ax.legend(loc="upper right", markerscale=3)
     if title:
         ax.set_title(title)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------
+# comparing posteriors (inference/compare.py)
+# ---------------------------------------------------------------------------
+
+_METHOD_COLOURS = ("0.35", "tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")
+_MAX_SCATTER = 1000  # draws shown per method and panel
+
+
+def _covariance_ellipse(points: np.ndarray, radius: float):
+    """``(x, y)`` of the ``radius``-sd ellipse of a Gaussian fitted to ``points  # [n, 2]``."""
+    mean = points.mean(0)
+    cov = np.cov(points.T) + 1e-12 * np.eye(2)
+    vals, vecs = np.linalg.eigh(cov)
+    t = np.linspace(0, 2 * np.pi, 100)
+    circle = np.stack([np.cos(t), np.sin(t)])  # [2, 100]
+    ellipse = vecs @ (np.sqrt(np.clip(vals, 0, None))[:, None] * radius * circle)
+    return mean[0] + ellipse[0], mean[1] + ellipse[1]
+
+
+def plot_posteriors_2d(panels, path, *, titles=None, title=None) -> Path:
+    """Draws of a 2-D latent from several methods, one panel per datapoint.
+
+    ``panels``: a list (one per datapoint, at most a handful) of ``{label: draws [n, 2]}``;
+    the first label is the reference (drawn in grey). Each method's draws are
+    scattered (at most 1000) with the 1- and 2-sd ellipses of a Gaussian fitted to them.
+    """
+    panels = list(panels)
+    if not panels:
+        raise ValueError("no panels to plot")
+    ncols = len(panels)
+    fig = _new_figure((4.0 * ncols, 4.0))
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    rng = np.random.default_rng(0)
+    for i, (ax, panel) in enumerate(zip(axes, panels)):
+        for j, (label, draws) in enumerate(panel.items()):
+            pts = _to_numpy(draws).reshape(-1, 2).astype(float)
+            pts = pts[np.isfinite(pts).all(1)]
+            colour = _METHOD_COLOURS[j % len(_METHOD_COLOURS)]
+            shown = pts if len(pts) <= _MAX_SCATTER else pts[rng.choice(len(pts), _MAX_SCATTER, replace=False)]
+            ax.scatter(shown[:, 0], shown[:, 1], s=3, alpha=0.15 if j == 0 else 0.25, color=colour, linewidths=0)
+            if len(pts) > 2:
+                for radius, style in ((1.0, "-"), (2.0, "--")):
+                    ex, ey = _covariance_ellipse(pts, radius)
+                    ax.plot(ex, ey, style, color=colour, lw=1.5, label=label if radius == 1.0 else None)
+        if titles is not None and i < len(titles):
+            ax.set_title(titles[i])
+        ax.set_xlabel("z[0]")
+        ax.set_ylabel("z[1]")
+        if i == 0:
+            ax.legend(fontsize=8, loc="best")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_gap_histogram(approximation_gap, amortization_gap, path, *, title=None) -> Path:
+    """Histograms of the per-datapoint approximation and amortization gaps (nats)."""
+    gaps = {"approximation gap": _to_numpy(approximation_gap).astype(float).ravel(),
+            "amortization gap": _to_numpy(amortization_gap).astype(float).ravel()}
+    fig = _new_figure((6.0, 4.0))
+    ax = fig.subplots()
+    finite = np.concatenate([g[np.isfinite(g)] for g in gaps.values()])
+    lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    bins = np.linspace(lo, hi, 31)
+    for (label, values), colour in zip(gaps.items(), ("tab:blue", "tab:red")):
+        values = values[np.isfinite(values)]
+        ax.hist(values, bins=bins, alpha=0.55, color=colour,
+                label=f"{label} (mean {values.mean():.3f})" if len(values) else label)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_xlabel("nats")
+    ax.set_ylabel("datapoints")
+    ax.legend()
+    ax.set_title(title or "log p(x) - ELBO, split into approximation and amortization gaps")
     return _save(fig, path)
