@@ -14,7 +14,7 @@ the output then says so).
 *Samplers.*
 
 - ``inference.mcmc.hmc_posterior``: all ``--n`` datapoints and all their
-  chains in one vectorized sampler ([chains, batch, dim] tensors), 10 leapfrog
+  chains in one vectorized sampler ([chains, batch, dim] tensors), 5 leapfrog
   steps on average (jittered), step size adapted per chain by dual averaging
   and a diagonal inverse mass per datapoint estimated in Stan-style windows.
 - ``inference.mcmc.nuts_posterior``: Pyro's ``NUTS`` (step size by dual
@@ -53,7 +53,7 @@ comparisons, a largest z of up to about 3.5-4 is what chance alone gives.
 Usage::
 
     python benchmarks/mcmc.py [--n 100] [--nuts-n 2] [--chains 4] [--samples 500] [--warmup 500]
-                              [--leapfrog 10] [--z-dim 50] [--train-epochs 2] [--train-examples 5000]
+                              [--leapfrog 5] [--z-dim 50] [--train-epochs 2] [--train-examples 5000]
                               [--run RUN_DIR] [--data-dir DIR] [--device auto|cpu|cuda] [--threads N]
 
 The defaults took about 10 minutes on two CPU cores shared with other work, more than half of it in NUTS.
@@ -223,7 +223,7 @@ def main(argv=None) -> None:
     parser.add_argument("--chains", type=int, default=4, help="chains per datapoint, both methods (default 4)")
     parser.add_argument("--samples", type=int, default=500, help="kept draws per chain, both methods (default 500)")
     parser.add_argument("--warmup", type=int, default=500, help="warm-up iterations per chain, both (default 500)")
-    parser.add_argument("--leapfrog", type=int, default=10, help="HMC's mean number of leapfrog steps (default 10)")
+    parser.add_argument("--leapfrog", type=int, default=5, help="HMC's mean number of leapfrog steps (default 5)")
     parser.add_argument("--z-dim", type=int, default=50, help="latent size of the VAE trained here (default 50)")
     parser.add_argument("--train-epochs", type=int, default=2)
     parser.add_argument("--train-examples", type=int, default=5000)
