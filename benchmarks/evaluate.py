@@ -275,7 +275,7 @@ def random_binary(n: int, seed: int) -> torch.Tensor:
     return torch.bernoulli(torch.full((n, X_DIM), 0.5), generator=torch.Generator().manual_seed(seed))
 
 
-def prepare(args, device: torch.device, workdir: Path):
+def prepare(args, device: torch.device, workdir: Path, z_dim: int = 50):
     """(model, test images [n, 784] on ``device``, description lines)."""
     notes = []
     if args.run is not None:
@@ -297,7 +297,7 @@ def prepare(args, device: torch.device, workdir: Path):
 
     from ppl_genmodels import fit
 
-    common = dict(hidden=[400], z_dim=50, epochs=args.train_epochs, eval_k=10, patience=None,
+    common = dict(hidden=[400], z_dim=z_dim, epochs=args.train_epochs, eval_k=10, patience=None,
                   device=str(device), seed=SEED)
     have_mnist = find_idx(Path(args.data_dir), "t10k-images-idx3-ubyte") is not None and \
         find_idx(Path(args.data_dir), "train-images-idx3-ubyte") is not None
@@ -317,7 +317,7 @@ def prepare(args, device: torch.device, workdir: Path):
                      "the figures below describe speed only, not a meaningful model")
     seconds = time.perf_counter() - started
     last = run.metrics.iloc[-1]
-    notes.append(f"model: VAE {X_DIM}-400-50 trained here for {args.train_epochs} epochs on "
+    notes.append(f"model: VAE {X_DIM}-400-{z_dim} trained here for {args.train_epochs} epochs on "
                  f"{args.train_examples} examples ({seconds:.1f} s; val ELBO {last['val_elbo']:.2f} nats)")
     return run.model.eval(), x.to(device), notes
 

@@ -77,12 +77,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import (  # noqa: E402  (shared helpers of the evaluation benchmark)
     MNIST_DIR,
     SEED,
-    X_DIM,
-    find_idx,
     load_average,
-    mnist_test_images,
     pick_device,
-    random_binary,
+    prepare,
     sync,
 )
 
@@ -93,53 +90,6 @@ from ppl_genmodels.traces import LogJoint  # noqa: E402
 # ---------------------------------------------------------------------------------------------
 # model and data
 # ---------------------------------------------------------------------------------------------
-
-
-def prepare(args, device: torch.device, workdir: Path):
-    """(model, test images [n, 784] on ``device``, description lines)."""
-    notes = []
-    if args.run is not None:
-        from ppl_genmodels import load_run
-
-        run = load_run(args.run, device=str(device))
-        notes.append(f"model: {type(run.model).__name__} from run {args.run} (epoch {run.epoch})")
-        x = None
-        if run.config.data == "mnist":
-            folder = Path(run.config.data_dir) if run.config.data_dir else Path(args.data_dir)
-            x = mnist_test_images(folder, args.n)
-            if x is not None:
-                notes.append(f"data: MNIST t10k from {folder} (first {len(x)} images, seeded binarisation)")
-        if x is None:
-            x = run.data.test.x[: args.n].cpu()
-            notes.append(f"data: the run's own test split ({len(x)} points)")
-        return run.model.eval(), x.to(device), notes
-
-    from ppl_genmodels import fit
-
-    common = dict(hidden=[400], z_dim=args.z_dim, epochs=args.train_epochs, eval_k=10, patience=None,
-                  device=str(device), seed=SEED)
-    folder = Path(args.data_dir)
-    have_mnist = find_idx(folder, "t10k-images-idx3-ubyte") is not None and \
-        find_idx(folder, "train-images-idx3-ubyte") is not None
-    started = time.perf_counter()
-    if have_mnist:
-        run = fit("vae", "mnist", out=workdir / "run", data_dir=str(folder), max_examples=args.train_examples,
-                  progress=False, evaluate=False, plots=False, **common)
-        x = mnist_test_images(folder, args.n)
-        notes.append(f"data: MNIST t10k from {folder} (first {len(x)} images, seeded binarisation)")
-    else:
-        train = random_binary(args.train_examples, SEED + 1).numpy()
-        np.save(workdir / "random-binary.npy", train)
-        run = fit("vae", str(workdir / "random-binary.npy"), out=workdir / "run", likelihood="bernoulli",
-                  progress=False, evaluate=False, plots=False, **common)
-        x = random_binary(args.n, SEED + 2)
-        notes.append(f"data: RANDOM binary data [{args.n}, {X_DIM}] -- MNIST NOT FOUND at {folder}; "
-                     "the posteriors below are not those of a meaningful model")
-    seconds = time.perf_counter() - started
-    last = run.metrics.iloc[-1]
-    notes.append(f"model: VAE {X_DIM}-400-{args.z_dim} trained here for {args.train_epochs} epochs on "
-                 f"{args.train_examples} examples ({seconds:.1f} s; val ELBO {last['val_elbo']:.2f} nats)")
-    return run.model.eval(), x.to(device), notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +206,7 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-mcmc-") as tmp:
         pyro.set_rng_seed(SEED)
-        model, x, notes = prepare(args, device, Path(tmp))
+        model, x, notes = prepare(args, device, Path(tmp), z_dim=args.z_dim)
     for line in notes:
         print(line)
     n = len(x)
