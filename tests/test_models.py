@@ -533,3 +533,21 @@ def test_svi_fits_ppca_toward_the_exact_marginal():
     ll1 = model.exact_log_marginal(x).mean().detach()
     assert ll1 > ll0 + 0.5
     assert _mean_elbo(model, x) <= ll1 + 1e-6
+
+
+def test_bernoulli_vector_equals_independent_bernoulli():
+    from ppl_genmodels.models.vae import BernoulliVector
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 6, dtype=torch.float64)  # [particles, batch, pixels]
+    x = (torch.rand(4, 6) < 0.5).double()              # [batch, pixels], broadcasts
+    ours = BernoulliVector(logits)
+    reference = torch.distributions.Independent(torch.distributions.Bernoulli(logits=logits), 1)
+    assert ours.batch_shape == reference.batch_shape and ours.event_shape == reference.event_shape
+    torch.testing.assert_close(ours.log_prob(x), reference.log_prob(x.expand(3, 4, 6)))
+    torch.testing.assert_close(ours.mean, reference.mean)
+    assert ours.expand((2, 3, 4)).batch_shape == (2, 3, 4)
+    draws = ours.sample((5,))
+    assert draws.shape == (5, 3, 4, 6) and set(draws.unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError):
+        BernoulliVector(logits, validate_args=True).log_prob(torch.full((4, 6), 0.5, dtype=torch.float64))
