@@ -89,7 +89,9 @@ class BernoulliVector(dist.TorchDistribution):
         super().__init__(logits.shape[:-1], logits.shape[-1:], validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
-        return BernoulliVector(self.logits.expand(torch.Size(batch_shape) + self.event_shape))
+        new = BernoulliVector(self.logits.expand(torch.Size(batch_shape) + self.event_shape), validate_args=False)
+        new._validate_args = self._validate_args
+        return new
 
     @property
     def probs(self) -> torch.Tensor:
