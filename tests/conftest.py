@@ -23,3 +23,12 @@ def make_ppca(n: int = 7, seed: int = 0):
 @pytest.fixture
 def ppca():
     return make_ppca(7)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one intra-op thread: on tiny tensors, threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,12 +15,7 @@ from conftest import make_ppca
 from ppl_genmodels.traces import LogJoint, TraceError, latent_layout, log_weights
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_schedules_run_from_zero_to_one():

@@ -1,6 +1,5 @@
 """Comparing inference: gap decomposition, posterior discrepancies, compare_run and the CLI."""
 
-import math
 import warnings
 
 import numpy as np
@@ -15,12 +14,7 @@ from ppl_genmodels.inference.compare import compare_run, energy_distance, gap_de
 from conftest import make_ppca
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

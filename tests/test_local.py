@@ -20,12 +20,7 @@ from ppl_genmodels.traces import TraceError
 N_DIMS, GAMMA_SHAPE = 4, 3.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class GammaPoisson(PyroModule):

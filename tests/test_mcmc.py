@@ -13,12 +13,7 @@ from ppl_genmodels.inference import hmc
 from ppl_genmodels.inference.mcmc import diagnostics, hmc_posterior, nuts_posterior, warmup_windows
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_welford_matches_the_sample_variance():
