@@ -199,14 +199,19 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _check_at_least(args, minimum: int, *names: str) -> None:
+    """One-line error for the first option below ``minimum`` (options left unset are skipped)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
 def _bdmc(args) -> int:
     from ppl_genmodels.evaluation import bdmc_run
     from ppl_genmodels.runs import load_run
 
-    for name in ("n", "steps", "chains", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    _check_at_least(args, 1, "n", "steps", "chains", "batch_size")
     run = load_run(args.run, device=args.device)
     summary, _ = bdmc_run(run, n=args.n, num_steps=args.steps, chains=args.chains, batch_size=args.batch_size,
                           progress=not args.quiet)
@@ -221,14 +226,8 @@ def _compare(args) -> int:
     from ppl_genmodels.inference.compare import compare_run
     from ppl_genmodels.runs import load_run
 
-    for name in ("n", "chains", "samples", "logp_k"):
-        value = getattr(args, name)
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    for name in ("warmup", "local_steps"):
-        value = getattr(args, name)
-        if value < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    _check_at_least(args, 1, "n", "chains", "samples", "logp_k")
+    _check_at_least(args, 0, "warmup", "local_steps")
     run = load_run(args.run, device=args.device)
     summary, per, _ = compare_run(run, n=args.n, split=args.split, mcmc=args.mcmc, chains=args.chains,
                                   samples=args.samples, warmup=args.warmup, local_steps=args.local_steps,

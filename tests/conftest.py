@@ -32,3 +32,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def run_cli(argv) -> tuple[int, str, str]:
+    """Run the CLI in-process; returns (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from ppl_genmodels import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """The rows of a printed table, keyed by their first word."""
+    return {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import subprocess
@@ -15,6 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import run_cli as _main
+from conftest import table_rows as _table_rows
 from ppl_genmodels import cli
 from ppl_genmodels.checkpoint import load_checkpoint
 from ppl_genmodels.runs import ConfigError, RunConfig, load_run, read_config
@@ -25,17 +25,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUICK = ["--hidden", "32", "--z-dim", "2", "--eval-k", "10", "--no-plots", "--quiet", "--device", "cpu"]
 
 
-def _main(argv) -> tuple[int, str, str]:
-    """Run the CLI in-process; returns (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
-def _table_rows(text: str) -> dict[str, list[str]]:
-    """The rows of a printed table, keyed by their first word."""
-    return {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
 
 
 def _files(folder: Path) -> dict[str, tuple[bytes, int]]:

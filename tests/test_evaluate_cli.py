@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from ppl_genmodels import bdmc_run, cli, evaluate_run, evaluation, fit, traces
+from conftest import run_cli as _main
+from conftest import table_rows as _table_rows
+from ppl_genmodels import bdmc_run, evaluate_run, evaluation, fit, traces
 from ppl_genmodels.evaluation import EstimatorSpec, parse_estimators
 
 
@@ -27,17 +26,6 @@ def ppca_run(tmp_path_factory):
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("evaluate") / "ppca"
     return fit("ppca", "moons", out, epochs=30, n_samples=300, z_dim=1, eval_k=10, progress=False, plots=False)
-
-
-def _main(argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
-def _table_rows(text: str) -> dict[str, list[str]]:
-    return {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
 
 
 def _files(folder) -> dict:
