@@ -42,7 +42,7 @@ from ppl_genmodels import plots
 from ppl_genmodels.checkpoint import atomic_write_text
 from ppl_genmodels.inference.importance import streaming_estimates
 from ppl_genmodels.runs import Run, load_run
-from ppl_genmodels.traces import PROPOSALS, generate, log_mean_exp, log_weights, reconstruct
+from ppl_genmodels.traces import PROPOSALS, generate, log_mean_exp, log_weights, max_plate_nesting, reconstruct
 
 __all__ = [
     "EstimatorSpec",
@@ -402,10 +402,11 @@ def log_density_grid(model, points: torch.Tensor, *, grid_size: int = 80, k: int
     yy, xx = torch.meshgrid(gy, gx, indexing="ij")
     grid = torch.stack([xx.reshape(-1), yy.reshape(-1)], -1)  # [G*G, 2]
     per_pass = max(1, _ROWS_PER_PASS // k)
+    nesting = max_plate_nesting(model.model, model.guide, grid[:1], None)  # traced once, not per pass
     out = []
     for start in range(0, grid.shape[0], per_pass):
         log_w = log_weights(model.model, model.guide, grid[start : start + per_pass], None, num_particles=k,
-                            proposal=proposal)
+                            proposal=proposal, nesting=nesting)
         out.append(log_mean_exp(log_w, 0))
     return gx.cpu().numpy(), gy.cpu().numpy(), torch.cat(out).reshape(grid_size, grid_size).cpu().numpy()
 
