@@ -286,7 +286,7 @@ def prepare(args, device: torch.device, workdir: Path, z_dim: int = 50):
         notes.append(f"model: {type(model).__name__} from run {args.run} (epoch {run.epoch})")
         x = None
         if run.config.data == "mnist":
-            folder = Path(run.config.data_dir) if run.config.data_dir else Path(args.data_dir)
+            folder = Path(run.config.data_options.data_dir or args.data_dir)
             x = mnist_test_images(folder, args.n)
             if x is not None:
                 notes.append(f"data: MNIST t10k from {folder} (first {len(x)} images, seeded binarisation)")

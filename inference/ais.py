@@ -16,11 +16,18 @@ Salakhutdinov & Grosse (2017), "On the quantitative analysis of decoder-based
 generative models": r is the prior (or here, optionally, the amortized guide),
 the schedule is the sigmoid one, beta_t proportional to sigmoid(delta (2t/T - 1))
 rescaled to [0, 1] (delta = 4), each transition is HMC (``inference/hmc.py``)
-with ``leapfrog_steps`` leapfrog steps, and each datapoint's step size is adapted
+with ``num_leapfrog`` leapfrog steps, and each datapoint's step size is adapted
 towards an acceptance rate of 0.65 (multiplied by 1.02 above it, divided by 1.02
 below). Adapting from the chains' own history makes the transitions depend on
 the past, as in that protocol; the bias this introduces is small next to the
 annealing bias, and the BDMC sandwich below measures the total.
+
+AIS is a driver around the HMC kernel (as TFP builds it): its state is an
+:class:`AnnealedPoint`, the HMC state at the current temperature plus both ends
+of the path, log r and log p(x, z) with their gradients, evaluated together at
+every leapfrog step. Since log f_beta = log r + beta (log p - log r) is linear
+in beta, moving to the next temperature is arithmetic on the point already held
+(:meth:`AnnealedPoint.at`): no extra pass of the model per temperature.
 
 Run in reverse (beta from 1 to 0) from an exact posterior sample, the same sum
 has E[w] = 1 / p(x), so -log-mean-exp is a stochastic *upper* bound. BDMC
@@ -41,7 +48,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import pyro
 import torch
@@ -50,10 +57,12 @@ from pyro.poutine.util import prune_subsample_sites
 from tqdm.auto import tqdm
 
 from ppl_genmodels.inference import hmc
+from ppl_genmodels.inference.adaptation import TARGET_ACCEPT, adapt_step_size
 from ppl_genmodels.inference.importance import iwae_estimate
-from ppl_genmodels.traces import DATA_PLATE, LogJoint, TraceError, _pick_observed
+from ppl_genmodels.traces import DATA_PLATE, LogJoint, TraceError, observed_site
 
-__all__ = ["AISResult", "sigmoid_schedule", "linear_schedule", "ais", "simulate", "bdmc"]
+__all__ = ["AISResult", "AnnealedPoint", "SCHEDULES", "sigmoid_schedule", "linear_schedule", "ais", "simulate",
+           "bdmc"]
 
 
 @dataclass
@@ -64,7 +73,7 @@ class AISResult:
     stderr: torch.Tensor       # [batch] delta-method standard error across chains
     ess: torch.Tensor          # [batch] effective sample size of the chains' weights
     log_w: torch.Tensor        # [chains, batch]
-    acceptance: torch.Tensor   # [batch] mean HMC acceptance over steps and chains
+    accept_rate: torch.Tensor  # [batch] mean HMC acceptance over steps and chains
     step_size: torch.Tensor    # [batch] final adapted step size
     seconds: float
 
@@ -87,15 +96,64 @@ def linear_schedule(num_steps: int, *, dtype=torch.float64, device=None) -> torc
 SCHEDULES = {"sigmoid": sigmoid_schedule, "linear": linear_schedule}
 
 
-def _annealed(joint: LogJoint, beta: float) -> Callable:
-    """log f_beta(u) = log r(u) + beta (log p(u) - log r(u)), carrying log p - log r as aux."""
+class AnnealedPoint(NamedTuple):
+    """A position on the annealing path: the HMC state at temperature beta and both ends of the path."""
 
-    def logdensity(u):
-        log_init, log_target = joint(u)
-        diff = log_target - log_init
-        return log_init + beta * diff, diff
+    position: torch.Tensor     # [chains, batch, dim] unconstrained latents u
+    log_density: torch.Tensor  # [chains, batch] log f_beta(u) = log r(u) + beta (log p(x, u) - log r(u))
+    grad: torch.Tensor         # [chains, batch, dim] its gradient
+    log_start: torch.Tensor    # [chains, batch] log r(u)
+    log_target: torch.Tensor   # [chains, batch] log p(x, z(u) | y) (+ log|J| in both)
+    grad_start: torch.Tensor   # [chains, batch, dim]
+    grad_target: torch.Tensor  # [chains, batch, dim]
 
-    return logdensity
+    def at(self, beta: float) -> "AnnealedPoint":
+        """The same point at inverse temperature ``beta``: both log densities are known, so no evaluation."""
+        return self._replace(log_density=self.log_start + beta * (self.log_target - self.log_start),
+                             grad=self.grad_start + beta * (self.grad_target - self.grad_start))
+
+
+def _evaluator(joint: LogJoint, beta: float) -> Callable[[torch.Tensor], AnnealedPoint]:
+    """``u -> AnnealedPoint`` at temperature ``beta``: one pass of the pair, both ends differentiated."""
+
+    def evaluate(u: torch.Tensor) -> AnnealedPoint:
+        with torch.enable_grad():
+            pos = u.detach().requires_grad_(True)
+            log_start, log_target = joint(pos)
+            (grad_start,) = torch.autograd.grad(log_start.sum(), pos, retain_graph=True)  # cheap: no decoder
+            (grad_target,) = torch.autograd.grad(log_target.sum(), pos)
+        point = AnnealedPoint(pos.detach(), log_start.detach(), grad_start, log_start.detach(), log_target.detach(),
+                              grad_start, grad_target)
+        return point.at(beta)
+
+    return evaluate
+
+
+class AISState(NamedTuple):
+    point: AnnealedPoint       # where the chains are, at the current temperature
+    log_w: torch.Tensor        # [chains, batch] accumulated log weights
+    step_size: torch.Tensor    # [1, batch, 1] HMC step size of each datapoint
+    accept_total: torch.Tensor  # [batch] sum over steps of the mean acceptance over chains
+
+
+def _anneal(state: AISState, joint: LogJoint, beta_prev: float, beta: float, num_leapfrog: int, target_accept: float,
+            generator: torch.Generator | None) -> AISState:
+    """One AIS step: add the weight increment at the current point, then one HMC transition leaving f_beta invariant."""
+    point = state.point
+    log_w = state.log_w + (beta - beta_prev) * (point.log_target - point.log_start)
+    point, info = hmc.transition(point.at(beta), _evaluator(joint, beta), state.step_size, 1.0, num_leapfrog,
+                                 generator=generator)
+    step_size = adapt_step_size(state.step_size, info.accept_rate, target_accept)
+    return AISState(point, log_w, step_size, state.accept_total + info.accept_rate.mean(0))
+
+
+def _check(num_chains: int, num_leapfrog: int, schedule: str, reverse: bool, latents) -> None:
+    if num_chains < 1 or num_leapfrog < 1:
+        raise ValueError(f"num_chains and num_leapfrog must be >= 1, got {num_chains}, {num_leapfrog}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    if reverse and latents is None:
+        raise ValueError("reverse AIS needs latents: the exact posterior latents to start from")
 
 
 def ais(
@@ -106,52 +164,42 @@ def ais(
     *,
     num_steps: int = 1000,
     num_chains: int = 16,
-    init: str = "prior",
-    leapfrog_steps: int = 10,
+    start: str = "prior",
+    num_leapfrog: int = 10,
     step_size: float = 0.1,
-    target_accept: float = 0.65,
+    target_accept: float = TARGET_ACCEPT,
     schedule: str = "sigmoid",
     reverse: bool = False,
-    start: dict | None = None,
+    latents: dict | None = None,
+    generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> AISResult:
     """AIS estimate of log p(x | y) for every datapoint of ``x  # [batch, ...]``.
 
-    ``reverse=True`` anneals from the posterior back to ``init`` starting at the
-    latents ``start`` (``{site: value [batch, ...]}``, an exact posterior sample,
-    e.g. from :func:`simulate`), and returns the stochastic upper bound.
+    ``start`` is the initial distribution r: ``"prior"`` or ``"guide"``. ``reverse=True``
+    anneals from the posterior back to r starting at ``latents`` (``{site: value [batch, ...]}``,
+    an exact posterior sample, e.g. from :func:`simulate`), and returns the stochastic
+    upper bound. ``generator`` drives the initial draws and every HMC transition.
     """
-    if num_chains < 1 or leapfrog_steps < 1:
-        raise ValueError(f"num_chains and leapfrog_steps must be >= 1, got {num_chains}, {leapfrog_steps}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
-    if reverse and start is None:
-        raise ValueError("reverse AIS needs start: the exact posterior latents to start from")
+    _check(num_chains, num_leapfrog, schedule, reverse, latents)
     began = time.perf_counter()
-    joint = LogJoint(model, guide, x, y, init=init)
+    joint = LogJoint(model, guide, x, y, start=start)
     batch = x.shape[0]
     betas = SCHEDULES[schedule](num_steps).tolist()
     if reverse:
         betas = betas[::-1]
-        u = joint.layout.pack({k: v.detach().to(x.dtype) for k, v in start.items()}, (num_chains, batch))
+        u = joint.layout.pack({k: v.detach().to(x.dtype) for k, v in latents.items()}, (num_chains, batch))
     else:
-        u = joint.sample_init(num_chains)
+        u = joint.sample_start(num_chains, generator=generator)
     eps = torch.full((1, batch, 1), float(step_size), dtype=x.dtype, device=x.device)
-    log_w = x.new_zeros(num_chains, batch)
-    accept_total = x.new_zeros(batch)
     with pyro.validation_enabled(False):
-        state = hmc.init(u, _annealed(joint, betas[0]))
+        state = AISState(_evaluator(joint, betas[0])(u), x.new_zeros(num_chains, batch), eps, x.new_zeros(batch))
         for t in tqdm(range(1, num_steps + 1), desc="AIS", unit="step", disable=not progress, leave=False):
-            log_w = log_w + (betas[t] - betas[t - 1]) * state.aux  # weight increment at the current z
-            target = _annealed(joint, betas[t])
-            state = hmc.init(state.position, target)  # same position, new temperature
-            state, info = hmc.step(state, target, eps, 1.0, leapfrog_steps)
-            eps = hmc.adapt_step_size(eps, info.accept_prob, target_accept)
-            accept_total = accept_total + info.accept_prob.mean(0)
-    value, stderr, ess = iwae_estimate(log_w)
+            state = _anneal(state, joint, betas[t - 1], betas[t], num_leapfrog, target_accept, generator)
+    value, stderr, ess = iwae_estimate(state.log_w)
     if reverse:
         value = -value  # E[w] = 1 / p(x): the estimate of log p(x) is -log-mean-exp
-    return AISResult(value, stderr, ess, log_w, accept_total / num_steps, eps.reshape(batch),
+    return AISResult(value, stderr, ess, state.log_w, state.accept_total / num_steps, state.step_size.reshape(batch),
                      time.perf_counter() - began)
 
 
@@ -164,7 +212,7 @@ def simulate(model: Callable, x_template: torch.Tensor, y: torch.Tensor | None =
     what reverse AIS needs.
     """
     trace = prune_subsample_sites(poutine.trace(poutine.uncondition(model)).get_trace(x_template, y))
-    name = _pick_observed(trace, None)
+    name = observed_site(trace)
     latents = {}
     for site_name, site in trace.nodes.items():
         if site["type"] == "sample" and not site["infer"].get("was_observed") and not site["is_observed"]:
@@ -183,17 +231,18 @@ def bdmc(
     *,
     num_steps: int = 1000,
     num_chains: int = 16,
-    init: str = "prior",
-    leapfrog_steps: int = 10,
+    start: str = "prior",
+    num_leapfrog: int = 10,
     step_size: float = 0.1,
-    target_accept: float = 0.65,
+    target_accept: float = TARGET_ACCEPT,
     schedule: str = "sigmoid",
+    generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> tuple[AISResult, AISResult]:
     """Forward (lower bound) and reverse (upper bound) AIS on simulated data with known latents."""
-    options = dict(num_steps=num_steps, num_chains=num_chains, init=init, leapfrog_steps=leapfrog_steps,
-                   step_size=step_size, target_accept=target_accept, schedule=schedule, progress=progress)
+    options = dict(num_steps=num_steps, num_chains=num_chains, start=start, num_leapfrog=num_leapfrog,
+                   step_size=step_size, target_accept=target_accept, schedule=schedule, generator=generator,
+                   progress=progress)
     forward = ais(model, guide, x, y, **options)
-    backward = ais(model, guide, x, y, reverse=True, start=latents, **options)
+    backward = ais(model, guide, x, y, reverse=True, latents=latents, **options)
     return forward, backward
-

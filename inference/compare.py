@@ -35,43 +35,26 @@ A and a reference B (each ``[draws, batch, dim]``, all latent sites flattened):
   slightly negative when the two agree) from at most ``max_draws`` (500) draws
   of each set, chosen at random, since it costs O(draws^2) per datapoint.
 
-:func:`compare_run` puts it together on a trained run: MCMC over the latents
-(:mod:`ppl_genmodels.inference.mcmc`, batched HMC or Pyro's NUTS) as the
-reference posterior, per-datapoint guides, draws from the amortized guide and,
-where the model has ``exact_posterior``, from the exact posterior; it writes
-tables (CSV), all draws as ArviZ InferenceData (netCDF) and figures.
+:func:`guide_draws` and :func:`exact_draws` give every method's draws in the
+same flat layout. :func:`ppl_genmodels.comparison.compare_run` puts it all
+together on a trained run and writes the tables, draws and figures.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import time
-import uuid
-import warnings
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np
-import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
-from ppl_genmodels.inference.importance import streaming_estimates
-from ppl_genmodels.inference.local import fit_local_guides, sample_local
-from ppl_genmodels.inference.mcmc import RHAT_THRESHOLD, MCMCResult, hmc_posterior, nuts_posterior
-from ppl_genmodels.traces import LogJoint
+from ppl_genmodels.inference.importance import batched_estimates
+from ppl_genmodels.inference.local import LocalGuideResult, fit_local_guides
+from ppl_genmodels.traces import LatentLayout, LogJoint
 
-__all__ = ["energy_distance", "posterior_discrepancy", "gap_decomposition", "compare_run", "MCMC_METHODS"]
+__all__ = ["DISCREPANCIES", "energy_distance", "posterior_discrepancy", "GapDecomposition", "gap_decomposition",
+           "guide_draws", "exact_draws"]
 
-MCMC_METHODS = ("hmc", "nuts")
 MAX_ENERGY_DRAWS = 500
-_ROWS_PER_PASS = 8_192  # particles x datapoints per pass of the importance estimates
 DISCREPANCIES = ("mean_sd", "sd_ratio", "energy")
-
-
-# ---------------------------------------------------------------------------
-# posterior discrepancy
-# ---------------------------------------------------------------------------
 
 
 def _check_draws(name: str, draws: torch.Tensor) -> torch.Tensor:
@@ -124,317 +107,85 @@ def posterior_discrepancy(samples_a: torch.Tensor, samples_b: torch.Tensor, *, m
     return {"mean_sd": mean_sd.cpu(), "sd_ratio": sd_ratio.cpu(), "energy": energy.cpu()}
 
 
-# ---------------------------------------------------------------------------
-# gap decomposition
-# ---------------------------------------------------------------------------
+@dataclass
+class GapDecomposition:
+    """Per-datapoint log p(x), the ELBOs of the local and the amortized guide, and the two gaps (``[batch]`` each)."""
+
+    log_px: torch.Tensor             # exact, or the IWAE-k estimate
+    log_px_se: torch.Tensor          # its Monte Carlo standard error (0 when exact)
+    log_px_source: str               # "exact" or "iwae<k>"
+    elbo_local: torch.Tensor
+    elbo_local_se: torch.Tensor
+    elbo_amortized: torch.Tensor
+    elbo_amortized_se: torch.Tensor
+
+    @property
+    def approximation_gap(self) -> torch.Tensor:
+        """log p(x) - ELBO[q*_x]: what the guide's family cannot reach."""
+        return self.log_px - self.elbo_local
+
+    @property
+    def amortization_gap(self) -> torch.Tensor:
+        """ELBO[q*_x] - ELBO[q_phi(. | x)]: what the shared encoder misses."""
+        return self.elbo_local - self.elbo_amortized
 
 
 def _has(module, name: str) -> bool:
     return callable(getattr(module, name, None))
 
 
-@torch.no_grad()
-def _importance(module, x, y, k: int, *, progress: bool, desc: str):
-    """(ELBO estimate, IWAE-k estimate) of the amortized guide, over batches of datapoints; tensors [n]."""
-    n = x.shape[0]
-    batch = max(1, min(n, _ROWS_PER_PASS // min(k, _ROWS_PER_PASS)))
-    chunk = max(1, _ROWS_PER_PASS // batch)
-    parts = {key: [] for key in ("elbo", "elbo_se", "iwae", "iwae_se")}
-    with tqdm(total=n, desc=desc, unit="pt", disable=not progress, leave=False) as bar:
-        for start in range(0, n, batch):
-            xb = x[start : start + batch]
-            yb = None if y is None else y[start : start + batch]
-            elbo, iwae = streaming_estimates(module.model, module.guide, xb, yb, k=k, chunk_size=chunk)
-            for key, value in zip(parts, (elbo.value, elbo.stderr, iwae.value, iwae.stderr)):
-                parts[key].append(value.detach().cpu())
-            bar.update(xb.shape[0])
-    return {key: torch.cat(value) for key, value in parts.items()}
+def _float64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().double()
 
 
-def gap_decomposition(module, x: torch.Tensor, y: torch.Tensor | None = None, *, local=None, logp_k: int = 5000,
-                      elbo_k: int = 1000, local_steps: int = 500, progress: bool = False) -> pd.DataFrame:
+def gap_decomposition(module, x: torch.Tensor, y: torch.Tensor | None = None, *,
+                      local: LocalGuideResult | None = None, logp_k: int = 5000, elbo_k: int = 1000,
+                      local_steps: int = 500, progress: bool = False) -> GapDecomposition:
     """Per-datapoint log p(x), ELBO of the local and of the amortized guide, and the two gaps.
 
     Args:
-        module: the model (a ``PyroModule`` with ``model`` and ``guide``; ``exact_log_marginal`` used if present).
-        x, y: one batch of data.
-        local: a :class:`~ppl_genmodels.inference.local.LocalGuideResult` already fitted to this batch
-            (else one is fitted with ``local_steps`` steps).
+        module: the model (an object with ``model`` and ``guide``; ``exact_log_marginal`` used if present).
+        x, y: the data.
+        local: a :class:`~ppl_genmodels.inference.local.LocalGuideResult` already fitted to these
+            datapoints (else one is fitted with ``local_steps`` steps).
         logp_k: particles of the IWAE estimate of log p(x) when there is no closed form.
         elbo_k: particles of the amortized guide's ELBO estimate.
 
-    Returns a DataFrame with ``log_px, log_px_se, log_px_source, elbo_local, elbo_local_se,
-    elbo_amortized, elbo_amortized_se, approximation_gap, amortization_gap`` (one row per datapoint).
+    All values are float64 on the CPU.
     """
     for name, value in (("logp_k", logp_k), ("elbo_k", elbo_k)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if local is None:
         local = fit_local_guides(module.model, module.guide, x, y, steps=local_steps, progress=progress)
-    amortized = _importance(module, x, y, elbo_k, progress=progress, desc=f"amortized ELBO (k={elbo_k})")
+    amortized, _ = batched_estimates(module.model, module.guide, x, y, k=elbo_k, progress=progress,
+                                     desc=f"amortized ELBO (k={elbo_k})")
     if _has(module, "exact_log_marginal"):
         with torch.no_grad():
-            log_px = (module.exact_log_marginal(x) if y is None else module.exact_log_marginal(x, y)).detach().cpu()
+            log_px = module.exact_log_marginal(x) if y is None else module.exact_log_marginal(x, y)
         log_px_se, source = torch.zeros_like(log_px), "exact"
     else:
-        iw = _importance(module, x, y, logp_k, progress=progress, desc=f"log p(x) (iwae{logp_k})")
-        log_px, log_px_se, source = iw["iwae"], iw["iwae_se"], f"iwae{logp_k}"
-    elbo_local = local.elbo.detach().cpu()
-    frame = pd.DataFrame({
-        "log_px": log_px.double().numpy(),
-        "log_px_se": log_px_se.double().numpy(),
-        "log_px_source": source,
-        "elbo_local": elbo_local.double().numpy(),
-        "elbo_local_se": local.elbo_se.detach().cpu().double().numpy(),
-        "elbo_amortized": amortized["elbo"].double().numpy(),
-        "elbo_amortized_se": amortized["elbo_se"].double().numpy(),
-    })
-    frame["approximation_gap"] = frame["log_px"] - frame["elbo_local"]
-    frame["amortization_gap"] = frame["elbo_local"] - frame["elbo_amortized"]
-    return frame
-
-
-# ---------------------------------------------------------------------------
-# draws from each method
-# ---------------------------------------------------------------------------
-
-
-def _flat(values: dict[str, torch.Tensor], names: list[str], lead: int) -> torch.Tensor:
-    """Latent sites in ``names`` order flattened: ``[*lead dims, latent_dim]``."""
-    parts = [values[name].reshape(values[name].shape[:lead] + (-1,)) for name in names]
-    return torch.cat(parts, -1).detach().cpu()
+        _, iwae = batched_estimates(module.model, module.guide, x, y, k=logp_k, progress=progress,
+                                    desc=f"log p(x) (iwae{logp_k})")
+        log_px, log_px_se, source = iwae.value, iwae.stderr, f"iwae{logp_k}"
+    return GapDecomposition(_float64(log_px), _float64(log_px_se), source, _float64(local.elbo),
+                            _float64(local.elbo_se), _float64(amortized.value), _float64(amortized.stderr))
 
 
 @torch.no_grad()
-def _guide_draws(module, x, y, num: int, joint: LogJoint) -> torch.Tensor:
-    """``[num, batch, latent_dim]`` draws from the amortized guide, constrained, in the layout's order."""
-    init = LogJoint(module.model, module.guide, x, y, init="guide", nesting=joint.nesting)
-    values, _ = init.layout.unpack(init.sample_init(num))
-    return _flat(values, [s.name for s in joint.layout.sites], 2)
+def guide_draws(model, guide, x: torch.Tensor, y: torch.Tensor | None, num: int, layout: LatentLayout,
+                nesting: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[num, batch, latent_dim]`` draws from the amortized guide, constrained, flattened in ``layout``'s order."""
+    start = LogJoint(model, guide, x, y, start="guide", nesting=nesting)
+    values, _ = start.layout.unpack(start.sample_start(num, generator=generator))
+    return layout.flatten(values, 2).cpu()
 
 
 @torch.no_grad()
-def _exact_draws(module, x, y, num: int, joint: LogJoint) -> torch.Tensor | None:
-    """``[num, batch, latent_dim]`` from ``exact_posterior`` for a model with one latent site, else None."""
-    if not _has(module, "exact_posterior") or len(joint.layout.sites) != 1:
+def exact_draws(module, x: torch.Tensor, y: torch.Tensor | None, num: int, layout: LatentLayout) -> torch.Tensor | None:
+    """``[num, batch, latent_dim]`` from ``module.exact_posterior`` for a model with one latent site, else None."""
+    if not _has(module, "exact_posterior") or len(layout.sites) != 1:
         return None
     post = module.exact_posterior(x) if y is None else module.exact_posterior(x, y)
-    draws = post.sample((num,))
-    draws = draws.reshape(num, x.shape[0], -1)
-    return draws.cpu() if draws.shape[-1] == joint.dim else None
-
-
-# ---------------------------------------------------------------------------
-# compare_run
-# ---------------------------------------------------------------------------
-
-
-def _atomic_netcdf(idata, path: Path) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        idata.to_netcdf(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _inference_data(mcmc_flat: torch.Tensor, draws: dict[str, torch.Tensor], index: np.ndarray, mcmc_method: str,
-                    log_px_source: str):
-    """ArviZ InferenceData: ``posterior`` (MCMC) and one group per other method, z [chain, draw, datapoint, latent_dim]."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        import arviz as az
-
-    dim = mcmc_flat.shape[-1]
-    coords = {"datapoint": index, "latent_dim": np.arange(dim)}
-    dims = {"z": ["datapoint", "latent_dim"]}
-    idata = az.from_dict(posterior={"z": mcmc_flat.double().numpy()}, coords=coords, dims=dims,
-                         attrs={"mcmc": mcmc_method, "log_px_source": log_px_source})
-    groups = {name: {"z": value.double().numpy()[None]} for name, value in draws.items()}
-    if groups:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            idata.add_groups(groups, coords=coords, dims=dims)
-    return idata
-
-
-def _nanmax(values: np.ndarray) -> float:
-    values = values[~np.isnan(values)]
-    return float(values.max()) if len(values) else float("nan")
-
-
-def _nanmin(values: np.ndarray) -> float:
-    values = values[~np.isnan(values)]
-    return float(values.min()) if len(values) else float("nan")
-
-
-def _mean_se(values: pd.Series) -> tuple[float, float]:
-    v = values.to_numpy(dtype=float)
-    n = len(v)
-    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-
-
-SUMMARY_COLUMNS = ["method", "quantity", "mean", "stderr", "gap_to_log_px", "amortization_gap",
-                   "vs_mcmc_mean_sd", "vs_mcmc_sd_ratio", "vs_mcmc_energy",
-                   "vs_exact_mean_sd", "vs_exact_sd_ratio", "vs_exact_energy",
-                   "max_rhat", "min_ess_bulk", "min_ess_tail", "divergences", "not_converged", "n", "seconds"]
-
-
-def _summary(per: pd.DataFrame, methods: list[str], seconds: dict[str, float], mcmc_name: str) -> pd.DataFrame:
-    n = len(per)
-    source = per["log_px_source"].iloc[0]
-    rows = []
-
-    def disc(row, prefix):
-        for ref in ("mcmc", "exact"):
-            for key in DISCREPANCIES:
-                column = f"{prefix}_vs_{ref}_{key}"
-                if column in per:
-                    row[f"vs_{ref}_{key}"] = float(per[column].mean())
-
-    log_px_mean, log_px_se = _mean_se(per["log_px"])
-    rows.append({"method": "exact" if source == "exact" else source, "quantity": "log p(x)", "mean": log_px_mean,
-                 "stderr": log_px_se, "gap_to_log_px": 0.0, "n": n, "seconds": seconds.get("log_px")})
-    mcmc_row = {"method": mcmc_name, "quantity": "posterior draws", "n": n, "seconds": seconds.get("mcmc"),
-                "max_rhat": _nanmax(per["rhat"].to_numpy(dtype=float)),
-                "min_ess_bulk": _nanmin(per["ess_bulk"].to_numpy(dtype=float)),
-                "min_ess_tail": _nanmin(per["ess_tail"].to_numpy(dtype=float)),
-                "divergences": int(per["divergences"].sum()),
-                "not_converged": int((~(per["rhat"] < RHAT_THRESHOLD)).sum())}
-    disc(mcmc_row, "mcmc")
-    rows.append(mcmc_row)
-    for method, prefix, column in (("local", "local", "elbo_local"), ("amortized", "guide", "elbo_amortized")):
-        mean, se = _mean_se(per[column])
-        row = {"method": method, "quantity": "ELBO", "mean": mean, "stderr": se,
-               "gap_to_log_px": float((per["log_px"] - per[column]).mean()), "n": n, "seconds": seconds.get(method)}
-        if method == "amortized":
-            row["amortization_gap"] = float(per["amortization_gap"].mean())
-        disc(row, prefix)
-        rows.append(row)
-    frame = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
-    return frame
-
-
-def compare_run(run, *, n: int = 100, split: str = "test", mcmc: str = "hmc", chains: int = 4, samples: int = 1000,
-                warmup: int = 1000, local_steps: int = 500, logp_k: int = 5000, elbo_k: int = 1000,
-                guide_draws: int | None = None, seed: int | None = None, progress: bool = True, save: bool = True,
-                plots: bool = True):
-    """Compare the amortized guide of a run with MCMC, per-datapoint guides and exact answers.
-
-    Args:
-        run: a :class:`~ppl_genmodels.runs.Run` or a run directory.
-        n, split: the first ``n`` datapoints of ``split``.
-        mcmc: ``"hmc"`` (batched, :func:`~ppl_genmodels.inference.mcmc.hmc_posterior`) or ``"nuts"``
-            (Pyro's NUTS, one datapoint and chain at a time: slow, the reference).
-        chains, samples, warmup: MCMC chains per datapoint, draws per chain, warm-up iterations.
-        local_steps: Adam steps of the per-datapoint guides.
-        logp_k: IWAE particles for log p(x) when the model has no ``exact_log_marginal``.
-        elbo_k: particles of the amortized guide's ELBO.
-        guide_draws: draws from the amortized, local and exact posteriors (default chains x samples).
-        seed: seeds torch before anything random; progress: tqdm bars; save: write files; plots: figures.
-
-    Returns ``(summary, per_datapoint, idata)``. ``per_datapoint`` has ``index`` (row in the split's
-    source), the gap decomposition (see :func:`gap_decomposition`), the MCMC diagnostics ``rhat,
-    ess_bulk, ess_tail, accept_rate, divergences`` and discrepancy columns ``<a>_vs_<b>_<measure>``
-    for guide/local vs mcmc and, with ``exact_posterior``, guide/local/mcmc vs exact. ``summary``
-    has one row per method. ``idata`` holds the MCMC draws as ``posterior`` and the other
-    methods' as groups ``guide``, ``local_guide`` (and ``exact``), each ``z [chain, draw,
-    datapoint, latent_dim]``. Writes ``RUN_DIR/compare/summary.csv``, ``per_datapoint.csv``,
-    ``posterior.nc`` and figures when ``save``.
-    """
-    from ppl_genmodels.runs import Run, load_run
-
-    if mcmc not in MCMC_METHODS:
-        raise ValueError(f"unknown MCMC method {mcmc!r}; expected one of {', '.join(MCMC_METHODS)}")
-    for name, value in (("n", n), ("chains", chains), ("samples", samples), ("logp_k", logp_k), ("elbo_k", elbo_k)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    for name, value in (("warmup", warmup), ("local_steps", local_steps)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    if guide_draws is not None and guide_draws < 2:
-        raise ValueError(f"guide_draws must be >= 2, got {guide_draws}")
-    if chains * samples < 2:
-        raise ValueError("need at least 2 MCMC draws per datapoint (chains x samples)")
-    run = run if isinstance(run, Run) else load_run(run)
-    if seed is not None:
-        torch.manual_seed(seed)
-    module = run.model
-    module.eval()
-    part = run.data.split(split)
-    total = min(n, len(part.x))
-    if total < 1:
-        raise ValueError(f"nothing to compare: split {split!r} has no datapoints")
-    x = part.x[:total]
-    y = None if part.y is None else part.y[:total]
-    index = part.index[:total].cpu().numpy()
-    num_draws = guide_draws or chains * samples
-    seconds: dict[str, float] = {}
-
-    joint = LogJoint(module.model, module.guide, x, y, init="prior")
-    began = time.perf_counter()
-    sampler = hmc_posterior if mcmc == "hmc" else nuts_posterior
-    result: MCMCResult = sampler(module.model, module.guide, x, y, num_chains=chains, num_samples=samples,
-                                 warmup=warmup, progress=progress)
-    seconds["mcmc"] = time.perf_counter() - began
-    mcmc_chains = _flat(result.samples, [s.name for s in joint.layout.sites], 3)  # [chains, draws, B, d]
-    mcmc_draws = mcmc_chains.reshape((-1,) + mcmc_chains.shape[2:])               # [chains*draws, B, d]
-
-    began = time.perf_counter()
-    local = fit_local_guides(module.model, module.guide, x, y, steps=local_steps, progress=progress)
-    seconds["local"] = time.perf_counter() - began
-    local_draws = _flat(sample_local(local, num_draws), [s.name for s in joint.layout.sites], 2)
-
-    began = time.perf_counter()
-    amortized_draws = _guide_draws(module, x, y, num_draws, joint)
-    exact_draws = _exact_draws(module, x, y, num_draws, joint)
-    per = gap_decomposition(module, x, y, local=local, logp_k=logp_k, elbo_k=elbo_k, progress=progress)
-    seconds["amortized"] = seconds["log_px"] = time.perf_counter() - began
-
-    per.insert(0, "index", index)
-    per["rhat"] = result.rhat.double().numpy()
-    per["ess_bulk"] = result.ess_bulk.double().numpy()
-    per["ess_tail"] = result.ess_tail.double().numpy()
-    per["accept_rate"] = result.accept_rate.double().numpy()
-    per["divergences"] = result.divergences.numpy()
-    pairs = [("guide", amortized_draws, "mcmc", mcmc_draws), ("local", local_draws, "mcmc", mcmc_draws)]
-    if exact_draws is not None:
-        pairs += [(name, draws, "exact", exact_draws)
-                  for name, draws in (("guide", amortized_draws), ("local", local_draws), ("mcmc", mcmc_draws))]
-    for name, draws, ref, ref_draws in tqdm(pairs, desc="discrepancies", disable=not progress, leave=False):
-        for key, value in posterior_discrepancy(draws, ref_draws).items():
-            per[f"{name}_vs_{ref}_{key}"] = value.double().numpy()
-
-    summary = _summary(per, ["mcmc", "local", "amortized"], seconds, mcmc)
-    groups = {"guide": amortized_draws, "local_guide": local_draws}
-    if exact_draws is not None:
-        groups["exact"] = exact_draws
-    idata = _inference_data(mcmc_chains, groups, index, mcmc, per["log_px_source"].iloc[0])
-    if save:
-        from ppl_genmodels import plots as figures
-        from ppl_genmodels.checkpoint import atomic_write_text
-
-        folder = Path(run.path) / "compare"
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / "summary.csv", summary.to_csv(index=False))
-        atomic_write_text(folder / "per_datapoint.csv", per.to_csv(index=False))
-        _atomic_netcdf(idata, folder / "posterior.nc")
-        if plots:
-            figures.plot_gap_histogram(per["approximation_gap"].to_numpy(), per["amortization_gap"].to_numpy(),
-                                       folder / "gaps.png")
-            if joint.dim == 2:
-                shown = list(range(min(4, total)))
-                panels = []
-                for b in shown:
-                    panel = {"MCMC": mcmc_draws[:, b].numpy(), "amortized q(z|x)": amortized_draws[:, b].numpy(),
-                             "local guide": local_draws[:, b].numpy()}
-                    if exact_draws is not None:
-                        panel["exact"] = exact_draws[:, b].numpy()
-                    panels.append(panel)
-                figures.plot_posteriors_2d(panels, folder / "posteriors.png",
-                                           titles=[f"datapoint {index[b]}" for b in shown])
-    return summary, per, idata
-
-
-compare = compare_run
+    draws = post.sample((num,)).reshape(num, x.shape[0], -1)
+    return draws.cpu() if draws.shape[-1] == layout.dim else None

@@ -44,19 +44,24 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 
 from ppl_genmodels import traces
-from ppl_genmodels.traces import log_mean_exp, log_weights
+from ppl_genmodels.traces import log_mean_exp
 
 __all__ = [
     "Estimate",
     "ImportanceStats",
     "ImportanceAccumulator",
-    "elbo_estimate",
+    "ROWS_PER_PASS",
     "iwae_estimate",
-    "importance_estimates",
     "streaming_estimates",
+    "batched_estimates",
 ]
+
+#: particles x datapoints per vectorized pass: bounds memory whatever k is; passes of 4k-16k rows keep
+#: the temporaries small enough to be reused between passes (``benchmarks/evaluate.py``)
+ROWS_PER_PASS = 8_192
 
 
 @dataclass
@@ -68,14 +73,6 @@ class Estimate:
     stderr: torch.Tensor    # [batch]
     ess: torch.Tensor | None = None  # [batch], for importance sampling
     seconds: float = 0.0
-
-
-def elbo_estimate(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ELBO and its standard error per datapoint from ``log_w  # [K, B]``."""
-    k = log_w.shape[0]
-    value = log_w.mean(0)
-    stderr = log_w.std(0) / math.sqrt(k) if k > 1 else torch.full_like(value, float("nan"))
-    return value, stderr
 
 
 def iwae_estimate(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -207,13 +204,34 @@ def streaming_estimates(model, guide, x, y=None, *, k: int = 100, chunk_size: in
             Estimate(f"iwae{k}", stats.iwae, stats.iwae_se, stats.ess, seconds))
 
 
+def _cat(parts: list[Estimate], seconds: float) -> Estimate:
+    ess = None if parts[0].ess is None else torch.cat([p.ess for p in parts])
+    return Estimate(parts[0].estimator, torch.cat([p.value for p in parts]), torch.cat([p.stderr for p in parts]),
+                    ess, seconds)
+
+
 @torch.no_grad()
-def importance_estimates(model, guide, x, y=None, *, k: int = 100, chunk_size: int | None = 1000,
-                         proposal: str = "guide") -> tuple[Estimate, Estimate]:
-    """ELBO and IWAE-k estimates for one batch of data, both from the same k particles."""
-    start = time.perf_counter()
-    log_w = log_weights(model, guide, x, y, num_particles=k, chunk_size=chunk_size, proposal=proposal)
-    seconds = time.perf_counter() - start
-    elbo, elbo_se = elbo_estimate(log_w)
-    iw, iw_se, ess = iwae_estimate(log_w)
-    return (Estimate("elbo", elbo, elbo_se, None, seconds), Estimate(f"iwae{k}", iw, iw_se, ess, seconds))
+def batched_estimates(model, guide, x, y=None, *, k: int = 100, batch_size: int | None = None,
+                      rows_per_pass: int | None = None, proposal: str = "guide", progress: bool = False,
+                      desc: str | None = None) -> tuple[Estimate, Estimate]:
+    """ELBO and IWAE-k for every datapoint of ``x``, in passes of at most ``rows_per_pass`` particle rows.
+
+    Each pass takes ``batch_size`` datapoints (default: as many as fit ``rows_per_pass``,
+    default :data:`ROWS_PER_PASS`, with one particle each) and streams their k particles
+    through :func:`streaming_estimates` in chunks that fill the pass. ``seconds`` of the
+    results is the time spent estimating (progress bars excluded).
+    """
+    rows = ROWS_PER_PASS if rows_per_pass is None else rows_per_pass
+    n = x.shape[0]
+    batch = batch_size or max(1, min(n, rows // min(k, rows)))
+    chunk = max(1, rows // batch)
+    elbos, iwaes, seconds = [], [], 0.0
+    with tqdm(total=n, desc=desc or f"iwae{k}", unit="pt", disable=not progress, leave=False) as bar:
+        for begin in range(0, n, batch):
+            xb, yb = x[begin : begin + batch], None if y is None else y[begin : begin + batch]
+            elbo, iwae = streaming_estimates(model, guide, xb, yb, k=k, chunk_size=chunk, proposal=proposal)
+            elbos.append(elbo)
+            iwaes.append(iwae)
+            seconds += elbo.seconds
+            bar.update(xb.shape[0])
+    return _cat(elbos, seconds), _cat(iwaes, seconds)

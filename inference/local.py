@@ -226,7 +226,7 @@ def _fallback_loc(fn, value: torch.Tensor, transform) -> torch.Tensor:
 def _local_site(name: str, site: dict, batch_size: int) -> LocalSite:
     """Per-datapoint parameters for one amortized guide site, initialised at its output."""
     fn, value = site["fn"], site["value"]
-    if DATA_PLATE not in traces._plate_dims(site):
+    if DATA_PLATE not in traces.plate_dims(site):
         raise TraceError(f"latent site {name!r} of the guide is outside pyro.plate({DATA_PLATE!r})")
     if tuple(fn.batch_shape) != (batch_size,):
         raise TraceError(

@@ -7,12 +7,10 @@ The number of leapfrog steps is drawn afresh at every iteration (uniform on
 1 .. 2L - 1), which keeps fixed-length trajectories from resonating with the
 target. L = 5 by default: on the MNIST VAE of ``benchmarks/mcmc.py`` (50-D
 latent) the bulk ESS per draw was the same for L = 5, 10 and 20, so the
-shortest trajectory that still mixes gives the most ESS per second. Warm-up follows Stan's scheme (Stan Development Team, "Stan reference manual",
-HMC adaptation): an initial buffer adapting the step size alone, doubling
-windows that estimate a diagonal inverse mass per datapoint (Welford variance
-of all its chains' positions, regularised toward 1e-3), after each of which
-the step-size adaptation restarts, and a final buffer. The step size is
-adapted per chain and per datapoint by dual averaging (Hoffman & Gelman 2014).
+shortest trajectory that still mixes gives the most ESS per second. Warm-up
+is Stan's window adaptation (:mod:`ppl_genmodels.inference.adaptation`): the
+step size adapted per chain and per datapoint by dual averaging, a diagonal
+inverse mass per datapoint from the doubling windows.
 
 ``nuts_posterior`` is the reference: Pyro's ``NUTS`` on the same log density,
 one datapoint and one chain at a time, with its own adaptation.
@@ -38,10 +36,19 @@ import torch
 from tqdm.auto import tqdm
 
 from ppl_genmodels.inference import hmc
+from ppl_genmodels.inference.adaptation import (
+    TARGET_ACCEPT,
+    warmup_schedule,
+    window_adaptation_final,
+    window_adaptation_init,
+    window_adaptation_update,
+)
 from ppl_genmodels.traces import LogJoint
 
-__all__ = ["MCMCResult", "hmc_posterior", "nuts_posterior", "diagnostics", "warmup_windows"]
+__all__ = ["MCMCResult", "MCMC_METHODS", "RHAT_THRESHOLD", "hmc_posterior", "nuts_posterior", "diagnostics"]
 
+#: the samplers of the latent posterior: batched HMC (:func:`hmc_posterior`) and Pyro's NUTS (:func:`nuts_posterior`)
+MCMC_METHODS = ("hmc", "nuts")
 RHAT_THRESHOLD = 1.01
 
 
@@ -57,11 +64,6 @@ class MCMCResult:
     divergences: torch.Tensor         # [batch] divergent transitions in the sampling phase (all chains)
     seconds: float
     method: str = "hmc"
-
-    def flat(self) -> torch.Tensor:
-        """All latent sites flattened per datapoint: ``[chains, draws, batch, latent_dim]``."""
-        parts = [v.reshape(v.shape[:3] + (-1,)) for v in self.samples.values()]
-        return torch.cat(parts, -1)
 
     def converged(self, threshold: float = RHAT_THRESHOLD) -> torch.Tensor:
         """``[batch]`` bool: R-hat below ``threshold`` in every latent dimension."""
@@ -94,21 +96,6 @@ def diagnostics(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return (torch.as_tensor(np.max(rhat, -1)), torch.as_tensor(np.min(bulk, -1)), torch.as_tensor(np.min(tail, -1)))
 
 
-def warmup_windows(warmup: int) -> list[int]:
-    """Iterations (1-based) at which a mass-matrix window ends: Stan's 15% / doubling windows / 10% layout."""
-    if warmup < 20:
-        return []
-    start, end = int(0.15 * warmup), warmup - int(0.1 * warmup)
-    size, ends, current = 25, [], start
-    while current < end:
-        nxt = current + size
-        if nxt + 2 * size > end:
-            nxt = end
-        ends.append(nxt)
-        current, size = nxt, size * 2
-    return ends
-
-
 def _warn_unconverged(result: MCMCResult) -> None:
     bad = (~result.converged()).nonzero().flatten().tolist()
     if bad and result.rhat.shape[0] and not torch.isnan(result.rhat).all():
@@ -117,11 +104,23 @@ def _warn_unconverged(result: MCMCResult) -> None:
             f"{len(bad)} of {result.rhat.shape[0]} datapoints have R-hat >= {RHAT_THRESHOLD} "
             f"(batch positions {shown}); run more warm-up or draws before trusting them",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of hmc_posterior / nuts_posterior
         )
 
 
-def _jittered(num_leapfrog: int) -> int:
+def _result(layout, u_draws: torch.Tensor, accept_rate, divergences, began: float, method: str,
+            warn: bool) -> MCMCResult:
+    """Constrained draws ``[chains, draws, batch, *event]`` per site, with ArviZ's diagnostics."""
+    values, _ = layout.unpack(u_draws)
+    samples = {name: v.detach() for name, v in values.items()}
+    rhat, bulk, tail = diagnostics(layout.flatten(samples, 3))
+    result = MCMCResult(samples, rhat, bulk, tail, accept_rate, divergences, time.perf_counter() - began, method)
+    if warn:
+        _warn_unconverged(result)
+    return result
+
+
+def _jittered(num_leapfrog: int, generator: torch.Generator | None) -> int:
     """A number of leapfrog steps drawn uniformly from 1 .. 2L - 1 (mean L).
 
     A fixed trajectory length can resonate with the target: on a Gaussian, a length
@@ -129,15 +128,18 @@ def _jittered(num_leapfrog: int) -> int:
     the chains barely move (Neal 2011, sec. 5.4.2.2). Drawing the length afresh
     at every iteration breaks that at no cost on average.
     """
-    return int(torch.randint(1, 2 * num_leapfrog, ()).item()) if num_leapfrog > 1 else 1
+    if num_leapfrog <= 1:
+        return 1
+    device = None if generator is None else generator.device
+    return int(torch.randint(1, 2 * num_leapfrog, (), generator=generator, device=device).item())
 
 
-def _init_positions(model, guide, x, y, joint: LogJoint, chains: int, init: str) -> torch.Tensor:
-    if init == "prior":
-        return joint.sample_init(chains)
-    if init == "guide":
-        return LogJoint(model, guide, x, y, init="guide", nesting=joint.nesting).sample_init(chains)
-    raise ValueError(f"unknown init {init!r}; expected 'guide' or 'prior'")
+def _start_positions(model, guide, x, y, joint: LogJoint, chains: int, start: str,
+                     generator: torch.Generator | None) -> torch.Tensor:
+    """``[chains, batch, dim]`` draws from the prior (``joint``'s own start) or the guide."""
+    if start != joint.start:
+        joint = LogJoint(model, guide, x, y, start=start, nesting=joint.nesting)
+    return joint.sample_start(chains, generator=generator)
 
 
 def hmc_posterior(
@@ -149,65 +151,63 @@ def hmc_posterior(
     num_chains: int = 4,
     num_samples: int = 1000,
     warmup: int = 1000,
-    init: str = "guide",
+    start: str = "guide",
     num_leapfrog: int = 5,
     step_size: float = 0.1,
-    target_accept: float = 0.65,
+    target_accept: float = TARGET_ACCEPT,
+    generator: torch.Generator | None = None,
     progress: bool = False,
     warn: bool = True,
 ) -> MCMCResult:
-    """Batched HMC draws from p(z | x_b, y_b) for every datapoint b of ``x``, decoder fixed."""
+    """Batched HMC draws from p(z | x_b, y_b) for every datapoint b of ``x``, decoder fixed.
+
+    Chains start from draws of ``start`` (``"guide"`` or ``"prior"``); ``generator``, when
+    given, drives those draws and every transition.
+    """
     if num_chains < 1 or num_samples < 1 or warmup < 0 or num_leapfrog < 1:
         raise ValueError("num_chains, num_samples and num_leapfrog must be >= 1 and warmup >= 0")
     began = time.perf_counter()
-    joint = LogJoint(model, guide, x, y, init="prior")
-
-    def logdensity(u):
-        return joint(u)[1]  # log p(x, z(u) | y) + log|J|  [chains, batch]
-
-    batch = x.shape[0]
-    u = _init_positions(model, guide, x, y, joint, num_chains, init)
-    eps = torch.full((num_chains, batch, 1), float(step_size), dtype=x.dtype, device=x.device)
-    inverse_mass = torch.ones(1, batch, joint.dim, dtype=x.dtype, device=x.device)
-    window_ends = set(warmup_windows(warmup))
-    mass_start = int(0.15 * warmup) if window_ends else warmup
-    draws, accept, divergent = [], x.new_zeros(num_chains, batch), torch.zeros(num_chains, batch, dtype=torch.long)
-    with pyro.validation_enabled(False):
-        state = hmc.init(u, logdensity)
-        adapt = hmc.dual_averaging_init(eps)
-        welford = hmc.welford_init(u)
-        bar = tqdm(total=warmup + num_samples, desc="HMC", unit="it", disable=not progress, leave=False)
-        for it in range(1, warmup + 1):
-            state, info = hmc.step(state, logdensity, eps, inverse_mass, _jittered(num_leapfrog))
-            adapt = hmc.dual_averaging_update(adapt, info.accept_prob.nan_to_num(0.0), target_accept)
-            eps = adapt.log_step.exp()
-            if mass_start < it and window_ends:
-                welford = hmc.welford_update(welford, state.position)
-            if it in window_ends:
-                inverse_mass = hmc.welford_final(welford).unsqueeze(0)
-                welford = hmc.welford_init(state.position)
-                state = hmc.init(state.position, logdensity)
-                adapt = hmc.dual_averaging_init(eps)
+    joint = LogJoint(model, guide, x, y, start="prior")
+    u = _start_positions(model, guide, x, y, joint, num_chains, start, generator)
+    draws, accept = [], x.new_zeros(num_chains, x.shape[0])
+    divergent = torch.zeros(num_chains, x.shape[0], dtype=torch.long)
+    with pyro.validation_enabled(False), tqdm(total=warmup + num_samples, desc="HMC", unit="it",
+                                              disable=not progress, leave=False) as bar:
+        state, adapt = hmc.init(u, joint.log_target), window_adaptation_init(u, step_size)
+        for stage in warmup_schedule(warmup):
+            state, info = hmc.step(state, joint.log_target, adapt.step_size, adapt.inverse_mass,
+                                   _jittered(num_leapfrog, generator), generator=generator)
+            adapt = window_adaptation_update(adapt, stage, state.position, info.accept_rate, target_accept)
             bar.update(1)
-        if warmup:
-            eps = adapt.log_step_avg.exp() if adapt.count else eps
+        eps, inverse_mass = window_adaptation_final(adapt)
         for _ in range(num_samples):
-            state, info = hmc.step(state, logdensity, eps, inverse_mass, _jittered(num_leapfrog))
+            state, info = hmc.step(state, joint.log_target, eps, inverse_mass, _jittered(num_leapfrog, generator),
+                                   generator=generator)
             draws.append(state.position)
-            accept = accept + info.accept_prob
+            accept = accept + info.accept_rate
             divergent = divergent + info.divergent.long().cpu()
             bar.update(1)
-        bar.close()
-    u_draws = torch.stack(draws, 1)  # [chains, draws, batch, dim]
-    values, _ = joint.layout.unpack(u_draws)
-    samples = {name: v.detach() for name, v in values.items()}
-    flat = torch.cat([v.reshape(v.shape[:3] + (-1,)) for v in samples.values()], -1)
-    rhat, bulk, tail = diagnostics(flat)
-    result = MCMCResult(samples, rhat, bulk, tail, (accept / num_samples).mean(0).cpu(), divergent.sum(0),
-                        time.perf_counter() - began, "hmc")
-    if warn:
-        _warn_unconverged(result)
-    return result
+    return _result(joint.layout, torch.stack(draws, 1), (accept / num_samples).mean(0).cpu(), divergent.sum(0),
+                   began, "hmc", warn)
+
+
+def _nuts_chain(joint: LogJoint, start: torch.Tensor, num_samples: int, warmup: int, target_accept: float):
+    """One chain of Pyro's NUTS on one datapoint: ``(draws [draws, dim], divergences, acceptance rate)``."""
+    from pyro.infer import MCMC, NUTS
+
+    def potential(params):
+        return -joint.log_target(params["u"].reshape(1, 1, -1)).sum()
+
+    kernel = NUTS(potential_fn=potential, target_accept_prob=target_accept, adapt_step_size=True,
+                  adapt_mass_matrix=True, full_mass=False)
+    mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup, num_chains=1,
+                initial_params={"u": start.detach()}, disable_progbar=True)
+    with pyro.validation_enabled(False):
+        mcmc.run()
+    extra = mcmc.diagnostics()
+    rate = extra.get("acceptance rate", {}).get("chain 0")
+    return (mcmc.get_samples()["u"], len(extra.get("divergences", {}).get("chain 0", [])),
+            float(rate) if rate is not None else float("nan"))
 
 
 def nuts_posterior(
@@ -219,50 +219,32 @@ def nuts_posterior(
     num_chains: int = 4,
     num_samples: int = 1000,
     warmup: int = 1000,
-    init: str = "guide",
+    start: str = "guide",
     target_accept: float = 0.8,
+    generator: torch.Generator | None = None,
     progress: bool = False,
     warn: bool = True,
 ) -> MCMCResult:
-    """Pyro's NUTS on the same conditioned log density, one datapoint and one chain at a time."""
-    from pyro.infer import MCMC, NUTS
+    """Pyro's NUTS on the same conditioned log density, one datapoint and one chain at a time.
 
+    ``generator`` drives the chains' starting draws only: Pyro's NUTS draws from the global generator.
+    """
     began = time.perf_counter()
     batch = x.shape[0]
     per_point, accept, divergent = [], torch.zeros(batch), torch.zeros(batch, dtype=torch.long)
     layout = None
-    bar = tqdm(total=batch * num_chains, desc="NUTS", unit="chain", disable=not progress, leave=False)
-    for b in range(batch):
-        xb = x[b : b + 1]
-        yb = None if y is None else y[b : b + 1]
-        joint = LogJoint(model, guide, xb, yb, init="prior")
-        layout = joint.layout
-        starts = _init_positions(model, guide, xb, yb, joint, num_chains, init)  # [chains, 1, dim]
-        chains = []
-        for c in range(num_chains):
-            def potential(params):
-                return -joint(params["u"].reshape(1, 1, -1))[1].sum()
-
-            kernel = NUTS(potential_fn=potential, target_accept_prob=target_accept, adapt_step_size=True,
-                          adapt_mass_matrix=True, full_mass=False)
-            mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup, num_chains=1,
-                        initial_params={"u": starts[c, 0].detach()}, disable_progbar=True)
-            with pyro.validation_enabled(False):
-                mcmc.run()
-            chains.append(mcmc.get_samples()["u"])  # [draws, dim]
-            extra = mcmc.diagnostics()
-            divergent[b] += len(extra.get("divergences", {}).get("chain 0", []))
-            rate = extra.get("acceptance rate", {}).get("chain 0")
-            accept[b] += float(rate) / num_chains if rate is not None else float("nan")
-            bar.update(1)
-        per_point.append(torch.stack(chains))  # [chains, draws, dim]
-    bar.close()
-    u_draws = torch.stack(per_point, 2).to(x.dtype)  # [chains, draws, batch, dim]
-    values, _ = layout.unpack(u_draws)
-    samples = {name: v.detach() for name, v in values.items()}
-    flat = torch.cat([v.reshape(v.shape[:3] + (-1,)) for v in samples.values()], -1)
-    rhat, bulk, tail = diagnostics(flat)
-    result = MCMCResult(samples, rhat, bulk, tail, accept, divergent, time.perf_counter() - began, "nuts")
-    if warn:
-        _warn_unconverged(result)
-    return result
+    with tqdm(total=batch * num_chains, desc="NUTS", unit="chain", disable=not progress, leave=False) as bar:
+        for b in range(batch):
+            xb, yb = x[b : b + 1], None if y is None else y[b : b + 1]
+            joint = LogJoint(model, guide, xb, yb, start="prior")
+            layout = joint.layout
+            starts = _start_positions(model, guide, xb, yb, joint, num_chains, start, generator)  # [chains, 1, dim]
+            chains = []
+            for c in range(num_chains):
+                draws, divergences, rate = _nuts_chain(joint, starts[c, 0], num_samples, warmup, target_accept)
+                chains.append(draws)  # [draws, dim]
+                divergent[b] += divergences
+                accept[b] += rate / num_chains
+                bar.update(1)
+            per_point.append(torch.stack(chains))  # [chains, draws, dim]
+    return _result(layout, torch.stack(per_point, 2).to(x.dtype), accept, divergent, began, "nuts", warn)

@@ -2,10 +2,10 @@
 
 Every model is a ``pyro.nn.PyroModule`` with ``model(x, y=None)`` and
 ``guide(x, y=None)``, per-datapoint sites inside ``pyro.plate("data", B)``,
-latent site ``"z"`` and observed site ``"x"``, and the uniform constructor
-
-    Model(x_dim, z_dim=16, *, y_dim=0, hidden=(256,), likelihood=...,
-          n_levels=None, scale=None, y_kind=None)
+latent site ``"z"`` and observed site ``"x"``, and a constructor
+``Model(x_dim, z_dim=16, *, y_dim=0, ...)`` whose other keywords are those it
+uses (``hidden``, ``likelihood``, ``n_levels``, ``scale``, ``y_kind``): the
+toolkit passes a model only the arguments it names.
 
 ``REGISTRY`` maps the CLI names to the classes; ``DESCRIPTIONS`` gives one line each.
 """

@@ -77,16 +77,6 @@ class CVAE(PyroModule):
         self.prior_net = MLP(self.y_dim, hidden, 2 * self.z_dim)
         self.encoder = MLP(self.x_dim + self.y_dim, hidden, 2 * self.z_dim)
         self.decoder = MLP(self.z_dim + self.y_dim, hidden[::-1], self.head.out_dim)
-        self.config = {
-            "x_dim": self.x_dim,
-            "z_dim": self.z_dim,
-            "y_dim": self.y_dim,
-            "hidden": list(hidden),
-            "likelihood": likelihood,
-            "n_levels": self.head.n_levels,
-            "scale": None if scale is None else float(scale),
-            "y_kind": y_kind,
-        }
 
     def prior(self, y: torch.Tensor) -> dist.TorchDistribution:
         """p(z | y) for y [..., Y]: batch shape [...], event shape [Z]."""

@@ -37,7 +37,6 @@ be evaluated exactly in float64.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -54,8 +53,7 @@ __all__ = ["PPCA"]
 class PPCA(PyroModule):
     """Probabilistic PCA with an amortized full-covariance linear-Gaussian guide.
 
-    Only ``likelihood="gaussian"`` is valid; ``hidden``, ``n_levels``, ``y_kind``
-    are accepted for the uniform constructor and unused; ``y`` is ignored.
+    Only ``likelihood="gaussian"`` is valid; ``y`` (and ``y_dim``) is accepted and ignored.
     """
 
     def __init__(
@@ -64,14 +62,11 @@ class PPCA(PyroModule):
         z_dim: int = 16,
         *,
         y_dim: int = 0,
-        hidden: Sequence[int] = (256,),
         likelihood: str = "gaussian",
-        n_levels: int | None = None,
         scale: float | None = None,
-        y_kind: str | None = None,
     ):
         super().__init__()
-        hidden = check_common(x_dim, z_dim, y_dim, hidden)
+        check_common(x_dim, z_dim, y_dim)
         if likelihood != "gaussian":
             raise ValueError(f"PPCA supports only likelihood='gaussian', got {likelihood!r}")
         D, q = int(x_dim), int(z_dim)
@@ -90,16 +85,6 @@ class PPCA(PyroModule):
         self.guide_A = nn.Parameter(torch.zeros(q, D))
         self.guide_b = nn.Parameter(torch.zeros(q))
         self.guide_R = nn.Parameter(torch.zeros(q, q))  # strictly-lower part of L + log diag(L)
-        self.config = {
-            "x_dim": D,
-            "z_dim": q,
-            "y_dim": int(y_dim),
-            "hidden": list(hidden),
-            "likelihood": likelihood,
-            "n_levels": None,  # unused by PPCA
-            "scale": scale,
-            "y_kind": y_kind,
-        }
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -40,11 +40,11 @@ from pyro.nn import PyroModule
 from torch import nn
 from torch.distributions import constraints
 
+from ppl_genmodels.data import LIKELIHOODS
 from ppl_genmodels.nets import MLP, check_dims
 
 __all__ = ["VAE", "LikelihoodHead", "BernoulliVector", "LIKELIHOODS", "diag_normal_params", "check_common"]
 
-LIKELIHOODS = ("bernoulli", "gaussian", "categorical")
 
 #: lower bound added to every softplus scale (the guide's parameterisation)
 MIN_SCALE = 1e-4
@@ -56,7 +56,7 @@ def diag_normal_params(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return loc, F.softplus(raw) + MIN_SCALE
 
 
-def check_common(x_dim, z_dim, y_dim, hidden) -> tuple[int, ...]:
+def check_common(x_dim, z_dim, y_dim, hidden=()) -> tuple[int, ...]:
     """Validate the dimensions shared by all built-in models; return ``hidden`` as a tuple."""
     check_dims(x_dim=x_dim, z_dim=z_dim)
     try:
@@ -179,7 +179,8 @@ class LikelihoodHead(nn.Module):
 class VAE(PyroModule):
     """VAE with an MLP encoder/decoder and a Bernoulli, Gaussian or categorical likelihood.
 
-    ``y`` is accepted (contract) and ignored: the model is unconditional.
+    ``y`` (and ``y_dim``, so that it trains on conditioned data too) is accepted and
+    ignored: the model is unconditional.
     """
 
     def __init__(
@@ -192,7 +193,6 @@ class VAE(PyroModule):
         likelihood: str = "bernoulli",
         n_levels: int | None = None,
         scale: float | None = None,
-        y_kind: str | None = None,
     ):
         super().__init__()
         hidden = check_common(x_dim, z_dim, y_dim, hidden)
@@ -200,16 +200,6 @@ class VAE(PyroModule):
         self.head = LikelihoodHead(x_dim, likelihood, n_levels, scale)
         self.encoder = MLP(self.x_dim, hidden, 2 * self.z_dim)
         self.decoder = MLP(self.z_dim, hidden[::-1], self.head.out_dim)
-        self.config = {
-            "x_dim": self.x_dim,
-            "z_dim": self.z_dim,
-            "y_dim": int(y_dim),
-            "hidden": list(hidden),
-            "likelihood": likelihood,
-            "n_levels": self.head.n_levels,
-            "scale": None if scale is None else float(scale),
-            "y_kind": y_kind,
-        }
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> dist.TorchDistribution:
         """p(x | z) for z [..., Z]: batch shape [...], event shape [D]."""

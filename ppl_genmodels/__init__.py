@@ -8,10 +8,12 @@ Declare a model as a ``PyroModule`` with ``model(x, y=None)`` and
     run = load_run("runs/digits-vae")          # model with trained weights, config, data split
 """
 
-from ppl_genmodels.data import DataError, Dataset, load_dataset
-from ppl_genmodels.evaluation import bdmc_run, evaluate, evaluate_run, log_density_grid, plot_run, sample_run
-from ppl_genmodels.inference.compare import compare_run
-from ppl_genmodels.runs import ConfigError, Run, RunConfig, build_model, load_run
+from ppl_genmodels.comparison import compare_run
+from ppl_genmodels.config import ConfigError, RunConfig, build_model
+from ppl_genmodels.data import DataError, DataOptions, Dataset, load_dataset
+from ppl_genmodels.evaluation import bdmc_run, evaluate, evaluate_run, log_density_grid
+from ppl_genmodels.plots import plot_run, sample_run
+from ppl_genmodels.runs import Run, load_run
 from ppl_genmodels.traces import TraceError, generate, log_weights, reconstruct
 from ppl_genmodels.train import Trainer, TrainingDiverged, fit
 
@@ -35,6 +37,7 @@ __all__ = [
     "Run",
     "RunConfig",
     "Dataset",
+    "DataOptions",
     "Trainer",
     "DataError",
     "ConfigError",

@@ -4,6 +4,18 @@ Everything a model is trained and evaluated on comes out of
 :func:`load_dataset` as a :class:`Dataset`: three :class:`Split` s of float32
 tensors, already checked and prepared for one observation likelihood.
 
+Options
+-------
+``load_dataset(name, options=None, *, seed=0, **fields)`` takes the dataset
+name, one :class:`DataOptions` (a frozen dataclass holding every other data
+option: ``data_dir``, ``likelihood``, ``binarize``, ``condition``,
+``visible_quadrants``, ``val_fraction``, ``test_fraction``, ``n_samples``,
+``noise``, ``max_examples``) and the seed. DataOptions fields may also be given
+as keywords, alone (``load_dataset("digits", likelihood="gaussian")``) or
+overriding the matching fields of ``options``. Each field carries a one-line
+``metadata["help"]`` (and ``metadata["choices"]`` where the values form a fixed
+list), from which a command line can be generated.
+
 Sources
 -------
 ``digits``
@@ -51,7 +63,8 @@ the output ``y``; here the names follow the model contract instead, where ``x``
 is what the model generates and ``y`` what it is conditioned on: ``y`` holds the
 visible pixels and ``x`` the hidden ones. ``meta["y_pixels"]`` and
 ``meta["x_pixels"]`` give the flat (row-major) positions of those pixels in the
-full image, so plots can reassemble whole images (:meth:`Dataset.images`).
+full image, so plots can reassemble whole images
+(:func:`ppl_genmodels.plots.assemble_quadrant_images`).
 
 Every problem with the input (missing or corrupt files, NaNs, wrong shapes,
 values that do not fit the likelihood, inconsistent options) raises
@@ -79,10 +92,12 @@ __all__ = [
     "DataError",
     "Split",
     "Dataset",
+    "DataOptions",
     "DATASETS",
     "LIKELIHOODS",
     "BINARIZE_MODES",
     "CONDITIONS",
+    "SPLIT_NAMES",
     "load_dataset",
     "read_idx",
     "default_likelihood",
@@ -140,6 +155,50 @@ class DataError(ValueError):
 
 
 # --------------------------------------------------------------------------- #
+# Options
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Every data option of :func:`load_dataset` except the dataset name and the seed.
+
+    Values are not checked here but by :func:`load_dataset`, which raises
+    :class:`DataError` for a bad one. Each field's ``metadata["help"]`` is a
+    one-line command-line help text (without the default, which a generator
+    appends); ``metadata["choices"]`` is the tuple of allowed values for
+    ``likelihood``, ``binarize`` and ``condition``. ``data_dir`` may also be a
+    :class:`os.PathLike`.
+    """
+
+    data_dir: str | None = field(default=None, metadata={
+        "help": "folder with the MNIST IDX files (for --data mnist)"})
+    likelihood: str | None = field(default=None, metadata={
+        "help": "observation model (default: the dataset's)", "choices": LIKELIHOODS})
+    binarize: str | None = field(default=None, metadata={
+        "help": "binarization for a Bernoulli likelihood (default: dynamic for digits and mnist)",
+        "choices": BINARIZE_MODES})
+    condition: str | None = field(default=None, metadata={
+        "help": "conditioning information y for a conditional model", "choices": CONDITIONS})
+    visible_quadrants: int = field(default=1, metadata={
+        "help": "visible quadrants for --condition quadrants (1-3)"})
+    val_fraction: float = field(default=0.1, metadata={
+        "help": "fraction of the examples held out for validation (mnist: of the training file)"})
+    test_fraction: float = field(default=0.1, metadata={
+        "help": "fraction of the examples held out for testing "
+                "(not mnist: its test split is the t10k file)"})
+    n_samples: int | None = field(default=None, metadata={
+        "help": "number of points for synthetic 2-D data (default 2000)"})
+    noise: float | None = field(default=None, metadata={
+        "help": "noise level for synthetic 2-D data (default 0.05)"})
+    max_examples: int | None = field(default=None, metadata={
+        "help": "cap every split at this many examples (quick runs)"})
+
+
+_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(DataOptions))
+
+
+# --------------------------------------------------------------------------- #
 # Containers
 # --------------------------------------------------------------------------- #
 
@@ -183,8 +242,10 @@ class Dataset:
     ``image_shape``: ``(rows, cols)`` of the full image for image data, else None.
     ``condition``: None, "label" or "quadrants" (see the module docstring).
     ``n_classes``: number of classes when the source has labels, else None.
-    ``meta``: free-form extras (``x_pixels``/``y_pixels`` for quadrants,
-    ``true_manifold`` for synthetic data, ``load_args``, ``source``).
+    ``meta``: free-form extras: ``source`` (where the data came from; digits,
+    mnist and user files), ``true_manifold``, ``noise`` and ``n_samples``
+    (synthetic data), ``x_pixels``, ``y_pixels`` and ``visible_quadrants``
+    (quadrants).
     """
 
     name: str
@@ -249,22 +310,6 @@ class Dataset:
                 if yb is not None and self.condition == "quadrants":
                     yb = torch.bernoulli(yb)
             yield xb, yb
-
-    def images(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Reassemble full images ``[n, rows, cols]`` from ``x`` (and ``y`` for quadrants).
-
-        For ``condition == "quadrants"``, pixels of a missing ``y`` are left at 0.
-        """
-        if self.image_shape is None:
-            raise DataError(f"{self.name}: not image data (image_shape is None)")
-        rows, cols = self.image_shape
-        if self.condition != "quadrants":
-            return x.reshape(x.shape[0], rows, cols)
-        full = x.new_zeros(x.shape[0], rows * cols)
-        full[:, self.meta["x_pixels"]] = x
-        if y is not None:
-            full[:, self.meta["y_pixels"]] = y.to(full.dtype)
-        return full.reshape(x.shape[0], rows, cols)
 
     def to(self, device) -> "Dataset":
         """A new Dataset with every tensor on ``device`` (``meta`` is copied shallowly)."""
@@ -729,6 +774,8 @@ def _cap(idx: np.ndarray, max_examples: int | None) -> np.ndarray:
 def _build_split(source: _Source, idx: np.ndarray, *, split: str, scale: float,
                  binarize: str | None, seed: int, condition: str | None,
                  pixels: tuple[list[int], list[int]] | None, n_classes: int | None) -> Split:
+    """The ``split`` made of rows ``idx`` of ``source``: float32, divided by ``scale``,
+    binarized as ``binarize`` asks (seeded per split), conditioned as ``condition`` asks."""
     x = torch.from_numpy(np.ascontiguousarray(source.x[idx], dtype=np.float32))
     if scale != 1.0:
         x = x / scale
@@ -751,45 +798,69 @@ def _build_split(source: _Source, idx: np.ndarray, *, split: str, scale: float,
     return Split(x=x, y=y, index=torch.from_numpy(idx.astype(np.int64)), labels=labels)
 
 
-def load_dataset(name: str, *, likelihood: str | None = None, binarize: str | None = None,
-                 data_dir: str | None = None, condition: str | None = None,
-                 visible_quadrants: int = 1, seed: int = 0, val_fraction: float = 0.1,
-                 test_fraction: float = 0.1, n_samples: int | None = None,
-                 noise: float | None = None, max_examples: int | None = None) -> Dataset:
-    """Load, validate, split and prepare a dataset.
+# --------------------------------------------------------------------------- #
+# Loading, step by step
+# --------------------------------------------------------------------------- #
 
-    ``name``: "digits", "mnist", "circle", "moons", "swiss-roll", or a path to a
-    ``.npy``/``.npz``/``.csv`` file. ``likelihood`` defaults to
-    :func:`default_likelihood`; ``binarize`` defaults to "dynamic" for digits and
-    mnist under "bernoulli" (None otherwise). ``data_dir`` is the MNIST folder
-    (ignored by other datasets). ``seed`` fixes the split, the synthetic draws
-    and the load-time binarization. ``val_fraction``/``test_fraction`` are
-    fractions of the examples (for mnist only ``val_fraction`` is used, of the
-    training file; the test split is the t10k file). ``n_samples`` and ``noise``
-    (standard deviation in the units of the returned points) apply to the
-    synthetic datasets only. ``max_examples`` caps every split (a seeded random
-    subset of train/val; the first rows of the mnist t10k file for test).
 
-    Raises :class:`DataError` (one line) for any bad option or bad data.
-    """
-    # ---- which dataset -------------------------------------------------- #
+@dataclass(frozen=True)
+class _Resolved:
+    """A checked request: which dataset, its seed, and every option with its default filled in."""
+
+    key: str | None                  # canonical dataset key; None for a user file
+    user_path: Path | None           # the user's file; None for a named dataset
+    label: str                       # the dataset's name in messages and Dataset.name
+    seed: int
+    options: DataOptions             # checked; n_samples and noise set for synthetic data only
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """The raw sources of a dataset and what is known about them before splitting."""
+
+    sources: tuple[_Source, ...]     # (all rows,) or, for mnist, (training file, t10k file)
+    image_shape: tuple[int, int] | None = None
+    n_classes: int | None = None
+    n_levels: int | None = None
+    scale: float = 1.0               # raw values are divided by this
+    meta: dict = field(default_factory=dict)
+
+
+def _options_from(options, fields: dict) -> DataOptions:
+    """``options`` (a DataOptions, or None for the defaults) with ``fields`` replaced."""
+    if options is not None and not isinstance(options, DataOptions):
+        raise DataError(f"options must be a DataOptions or None, got {type(options).__name__}; "
+                        "give single options as keywords instead, e.g. likelihood='gaussian'")
+    unknown = [k for k in fields if k not in _OPTION_NAMES]
+    if unknown:
+        raise DataError(f"unknown data option{'s' if len(unknown) > 1 else ''} "
+                        f"{', '.join(repr(k) for k in unknown)}; known: {', '.join(_OPTION_NAMES)}")
+    base = DataOptions() if options is None else options
+    return dataclasses.replace(base, **fields) if fields else base
+
+
+def _resolve_name(name) -> tuple[str | None, Path | None]:
+    """``(key, None)`` for a known dataset name, ``(None, path)`` for an existing user file."""
     if not isinstance(name, (str, os.PathLike)):
         raise DataError(f"dataset name must be a string or path, got {name!r}")
     key = _canonical(name)
-    user_path: Path | None = None
-    if key is None:
-        path = Path(os.fspath(name)).expanduser()
-        if path.suffix.lower() in USER_SUFFIXES:
-            if not path.is_file():
-                raise DataError(f"{path}: file not found; expected a .npy, .npz or .csv data file")
-            user_path = path
-        elif path.exists() and path.is_file():
-            raise DataError(f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; "
-                            "expected .npy, .npz or .csv")
-        else:
-            raise _unknown(name)
+    if key is not None:
+        return key, None
+    path = Path(os.fspath(name)).expanduser()
+    if path.suffix.lower() in USER_SUFFIXES:
+        if not path.is_file():
+            raise DataError(f"{path}: file not found; expected a .npy, .npz or .csv data file")
+        return None, path
+    if path.exists() and path.is_file():
+        raise DataError(f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; "
+                        "expected .npy, .npz or .csv")
+    raise _unknown(name)
 
-    # ---- options -------------------------------------------------------- #
+
+def _resolve_choices(key: str | None, user_path: Path | None, options: DataOptions
+                     ) -> tuple[str, str | None, str | None]:
+    """Check ``likelihood``, ``binarize`` and ``condition``; fill the first two's defaults."""
+    likelihood, binarize, condition = options.likelihood, options.binarize, options.condition
     if likelihood is None:
         likelihood = default_likelihood(key or str(user_path))
     if likelihood not in LIKELIHOODS:
@@ -803,13 +874,14 @@ def load_dataset(name: str, *, likelihood: str | None = None, binarize: str | No
     if condition is not None and condition not in CONDITIONS:
         raise DataError(f"unknown condition {condition!r}; expected None or one of "
                         f"{', '.join(CONDITIONS)}")
-    visible_quadrants = _check_visible(visible_quadrants)
-    seed = _check_int(seed, "seed", 0)
-    val_fraction = _check_fraction(val_fraction, "val_fraction")
-    test_fraction = _check_fraction(test_fraction, "test_fraction")
-    if max_examples is not None:
-        max_examples = _check_int(max_examples, "max_examples", 1)
-    label = key or user_path.name
+    if key in _IMAGE_DATASETS and likelihood == "bernoulli" and binarize is None:
+        binarize = "dynamic"
+    return likelihood, binarize, condition
+
+
+def _resolve_synthetic(key: str | None, label: str, likelihood: str, condition: str | None,
+                       n_samples, noise) -> tuple[int | None, float | None]:
+    """Checked ``(n_samples, noise)`` with defaults for synthetic data, else ``(None, None)``."""
     if key not in _SYNTHETIC:
         if n_samples is not None:
             raise DataError(f"{label}: n_samples applies only to synthetic datasets "
@@ -817,19 +889,24 @@ def load_dataset(name: str, *, likelihood: str | None = None, binarize: str | No
         if noise is not None:
             raise DataError(f"{label}: noise applies only to synthetic datasets "
                             f"({', '.join(_SYNTHETIC)})")
-    if key in _SYNTHETIC:
-        if likelihood != "gaussian":
-            raise DataError(f"{key}: synthetic data supports only likelihood='gaussian' "
-                            f"(got {likelihood!r})")
-        if condition == "label":
-            raise DataError(f"{key}: condition='label' needs labels but {key} has none")
-        n_samples = _DEFAULT_N_SAMPLES if n_samples is None else _check_int(n_samples, "n_samples", 1)
-        if noise is None:
-            noise = _DEFAULT_NOISE[key]
-        if isinstance(noise, bool) or not isinstance(noise, (int, float)) \
-                or not math.isfinite(noise) or noise < 0:
-            raise DataError(f"{key}: noise must be a finite number >= 0, got {noise!r}")
-        noise = float(noise)
+        return None, None
+    if likelihood != "gaussian":
+        raise DataError(f"{key}: synthetic data supports only likelihood='gaussian' "
+                        f"(got {likelihood!r})")
+    if condition == "label":
+        raise DataError(f"{key}: condition='label' needs labels but {key} has none")
+    n_samples = _DEFAULT_N_SAMPLES if n_samples is None else _check_int(n_samples, "n_samples", 1)
+    if noise is None:
+        noise = _DEFAULT_NOISE[key]
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) \
+            or not math.isfinite(noise) or noise < 0:
+        raise DataError(f"{key}: noise must be a finite number >= 0, got {noise!r}")
+    return n_samples, float(noise)
+
+
+def _check_dataset_fit(key: str | None, label: str, likelihood: str,
+                       condition: str | None) -> None:
+    """Reject likelihood/condition pairs the dataset cannot serve (mnist, quadrants)."""
     if key == "mnist" and likelihood == "categorical":
         raise DataError("mnist: likelihood='categorical' is not supported; "
                         "expected 'bernoulli' or 'gaussian'")
@@ -840,93 +917,161 @@ def load_dataset(name: str, *, likelihood: str | None = None, binarize: str | No
         if likelihood != "bernoulli":
             raise DataError(f"{label}: condition='quadrants' needs likelihood='bernoulli' "
                             f"(got {likelihood!r})")
-    if key in _IMAGE_DATASETS and likelihood == "bernoulli" and binarize is None:
-        binarize = "dynamic"
 
-    # ---- load the sources ---------------------------------------------- #
-    meta: dict = {}
-    image_shape = None
-    n_levels = None
-    n_classes = None
-    scale = 1.0
-    if key == "digits":
-        sources = [_load_digits()]
-        image_shape = (8, 8)
-        n_classes = 10
-        if likelihood == "categorical":
-            n_levels = 17
-        else:
-            scale = 16.0
-        meta["source"] = "sklearn.datasets.load_digits"
-    elif key == "mnist":
-        train_src, test_src, image_shape = _load_mnist(data_dir)
-        sources = [train_src, test_src]
-        n_classes = 10
-        scale = 255.0
-        meta["source"] = {"train": train_src.where, "test": test_src.where}
-    elif key in _SYNTHETIC:
-        src, manifold = _make_synthetic(key, n_samples, noise, seed)
-        _check_finite(src.x, key)
-        sources = [src]
-        meta["true_manifold"] = manifold
-        meta["noise"] = noise
-        meta["n_samples"] = n_samples
+
+def _resolve(name, options, fields: dict, seed) -> _Resolved:
+    """Step 1: merge and check every option and fill the defaults (no data is read)."""
+    opts = _options_from(options, fields)
+    key, user_path = _resolve_name(name)
+    label = key or user_path.name
+    likelihood, binarize, condition = _resolve_choices(key, user_path, opts)
+    visible_quadrants = _check_visible(opts.visible_quadrants)
+    seed = _check_int(seed, "seed", 0)
+    val_fraction = _check_fraction(opts.val_fraction, "val_fraction")
+    test_fraction = _check_fraction(opts.test_fraction, "test_fraction")
+    max_examples = opts.max_examples
+    if max_examples is not None:
+        max_examples = _check_int(max_examples, "max_examples", 1)
+    n_samples, noise = _resolve_synthetic(key, label, likelihood, condition,
+                                          opts.n_samples, opts.noise)
+    _check_dataset_fit(key, label, likelihood, condition)
+    options = dataclasses.replace(
+        opts, likelihood=likelihood, binarize=binarize, condition=condition, visible_quadrants=visible_quadrants,
+        val_fraction=val_fraction, test_fraction=test_fraction, max_examples=max_examples, n_samples=n_samples,
+        noise=noise)
+    return _Resolved(key=key, user_path=user_path, label=label, seed=seed, options=options)
+
+
+def _read_digits(r: _Resolved) -> _Loaded:
+    """scikit-learn's digits: grey levels 0..16, kept as levels for "categorical"."""
+    categorical = r.options.likelihood == "categorical"
+    return _Loaded(sources=(_load_digits(),), image_shape=(8, 8), n_classes=10,
+                   n_levels=17 if categorical else None, scale=1.0 if categorical else 16.0,
+                   meta={"source": "sklearn.datasets.load_digits"})
+
+
+def _read_mnist(r: _Resolved) -> _Loaded:
+    """The MNIST training and t10k files in ``data_dir``, bytes scaled by 255."""
+    train_src, test_src, image_shape = _load_mnist(r.options.data_dir)
+    return _Loaded(sources=(train_src, test_src), image_shape=image_shape, n_classes=10,
+                   scale=255.0, meta={"source": {"train": train_src.where, "test": test_src.where}})
+
+
+def _read_synthetic(r: _Resolved) -> _Loaded:
+    """Seeded synthetic points; the noiseless curve goes into ``meta["true_manifold"]``."""
+    src, manifold = _make_synthetic(r.key, r.options.n_samples, r.options.noise, r.seed)
+    _check_finite(src.x, r.key)
+    return _Loaded(sources=(src,),
+                   meta={"true_manifold": manifold, "noise": r.options.noise, "n_samples": r.options.n_samples})
+
+
+def _read_user(r: _Resolved) -> _Loaded:
+    """The user's file, checked to be finite and to fit the likelihood."""
+    src = _load_user_file(r.user_path)
+    _check_finite(src.x, src.where)
+    n_levels = _check_user_values(src.x, src.where, r.options.likelihood, r.options.binarize)
+    n_classes = None if src.labels is None else int(src.labels.max()) + 1
+    return _Loaded(sources=(src,), n_classes=n_classes, n_levels=n_levels,
+                   meta={"source": src.where})
+
+
+def _read_sources(r: _Resolved) -> _Loaded:
+    """Step 2: read (or generate) and validate the raw data of the resolved dataset."""
+    if r.key == "digits":
+        loaded = _read_digits(r)
+    elif r.key == "mnist":
+        loaded = _read_mnist(r)
+    elif r.key in _SYNTHETIC:
+        loaded = _read_synthetic(r)
     else:
-        src = _load_user_file(user_path)
-        _check_finite(src.x, src.where)
-        n_levels = _check_user_values(src.x, src.where, likelihood, binarize)
-        if src.labels is not None:
-            n_classes = int(src.labels.max()) + 1
-        sources = [src]
-        meta["source"] = src.where
-    if condition == "label" and sources[0].labels is None:
-        raise DataError(f"{label}: condition='label' needs labels but the data has none "
+        loaded = _read_user(r)
+    if r.options.condition == "label" and loaded.sources[0].labels is None:
+        raise DataError(f"{r.label}: condition='label' needs labels but the data has none "
                         "(an .npz file with integer labels 'y' has them)")
+    return loaded
 
-    # ---- split ---------------------------------------------------------- #
-    perm_rng = np.random.default_rng(_derive_seed(seed, _PURPOSE_SPLIT))
-    if key == "mnist":
-        n = sources[0].x.shape[0]
-        sizes = _split_sizes(n, {"val": val_fraction}, sources[0].where)
+
+def _split_indices(r: _Resolved, sources: tuple[_Source, ...]
+                   ) -> dict[str, tuple[int, np.ndarray]]:
+    """``{split: (source number, rows)}`` from one seeded permutation of the first source.
+
+    mnist: val and train partition the training file, test is the whole t10k
+    file in order. Otherwise test, val and train are consecutive slices of the
+    permutation, in that order.
+    """
+    perm_rng = np.random.default_rng(_derive_seed(r.seed, _PURPOSE_SPLIT))
+    n = sources[0].x.shape[0]
+    if r.key == "mnist":
+        sizes = _split_sizes(n, {"val": r.options.val_fraction}, sources[0].where)
         perm = perm_rng.permutation(n)
-        parts = {
+        return {
             "train": (0, perm[sizes["val"]:]),
             "val": (0, perm[:sizes["val"]]),
             "test": (1, np.arange(sources[1].x.shape[0])),
         }
-    else:
-        n = sources[0].x.shape[0]
-        sizes = _split_sizes(n, {"val": val_fraction, "test": test_fraction}, label)
-        perm = perm_rng.permutation(n)
-        n_test, n_val = sizes["test"], sizes["val"]
-        parts = {
-            "train": (0, perm[n_test + n_val:]),
-            "val": (0, perm[n_test:n_test + n_val]),
-            "test": (0, perm[:n_test]),
-        }
+    sizes = _split_sizes(n, {"val": r.options.val_fraction, "test": r.options.test_fraction}, r.label)
+    perm = perm_rng.permutation(n)
+    n_test, n_val = sizes["test"], sizes["val"]
+    return {
+        "train": (0, perm[n_test + n_val:]),
+        "val": (0, perm[n_test:n_test + n_val]),
+        "test": (0, perm[:n_test]),
+    }
 
+
+def _prepare_splits(r: _Resolved, loaded: _Loaded) -> tuple[dict[str, Split], dict]:
+    """Step 3: split, cap, scale, binarize and condition; returns the splits and the meta.
+
+    The meta is ``loaded.meta`` plus, for quadrants, ``x_pixels``, ``y_pixels``
+    and ``visible_quadrants``.
+    """
+    parts = _split_indices(r, loaded.sources)
+    meta = dict(loaded.meta)
     pixels = None
-    if condition == "quadrants":
-        pixels = quadrant_pixels(image_shape, visible_quadrants)
+    if r.options.condition == "quadrants":
+        pixels = quadrant_pixels(loaded.image_shape, r.options.visible_quadrants)
         meta["x_pixels"], meta["y_pixels"] = pixels
-        meta["visible_quadrants"] = visible_quadrants
-
+        meta["visible_quadrants"] = r.options.visible_quadrants
     splits = {
-        split: _build_split(sources[src_id], _cap(idx, max_examples), split=split, scale=scale,
-                            binarize=binarize, seed=seed, condition=condition, pixels=pixels,
-                            n_classes=n_classes)
+        split: _build_split(loaded.sources[src_id], _cap(idx, r.options.max_examples), split=split,
+                            scale=loaded.scale, binarize=r.options.binarize, seed=r.seed,
+                            condition=r.options.condition, pixels=pixels, n_classes=loaded.n_classes)
         for split, (src_id, idx) in parts.items()
     }
-    meta["load_args"] = {
-        "name": str(name), "likelihood": likelihood, "binarize": binarize,
-        "data_dir": None if data_dir is None else str(data_dir), "condition": condition,
-        "visible_quadrants": visible_quadrants, "seed": seed, "val_fraction": val_fraction,
-        "test_fraction": test_fraction, "n_samples": n_samples, "noise": noise,
-        "max_examples": max_examples,
-    }
+    return splits, meta
+
+
+def load_dataset(name: str | os.PathLike, options: DataOptions | None = None, *,
+                 seed: int = 0, **fields) -> Dataset:
+    """Load, validate, split and prepare a dataset.
+
+    ``name``: "digits", "mnist", "circle", "moons", "swiss-roll", or a path to a
+    ``.npy``/``.npz``/``.csv`` file. ``options``: a :class:`DataOptions` (None:
+    all defaults). ``fields``: DataOptions field names as keywords, a shorthand
+    that overrides the matching fields of ``options``
+    (``load_dataset("digits", likelihood="gaussian")``). ``seed`` fixes the
+    split, the synthetic draws and the load-time binarization.
+
+    The options: ``likelihood`` defaults to :func:`default_likelihood`;
+    ``binarize`` defaults to "dynamic" for digits and mnist under "bernoulli"
+    (None otherwise). ``data_dir`` is the MNIST folder (ignored by other
+    datasets). ``val_fraction``/``test_fraction`` are fractions of the examples
+    (for mnist only ``val_fraction`` is used, of the training file; the test
+    split is the t10k file). ``n_samples`` and ``noise`` (standard deviation in
+    the units of the returned points) apply to the synthetic datasets only.
+    ``max_examples`` caps every split (a seeded random subset of train/val; the
+    first rows of the mnist t10k file for test).
+
+    Raises :class:`DataError` (one line) for an unknown keyword, an ``options``
+    that is not a DataOptions, or any bad option or bad data.
+    """
+    resolved = _resolve(name, options, fields, seed)
+    loaded = _read_sources(resolved)
+    splits, meta = _prepare_splits(resolved, loaded)
     return Dataset(
-        name=label,
+        name=resolved.label,
         train=splits["train"], val=splits["val"], test=splits["test"],
-        likelihood=likelihood, binarize=binarize, n_levels=n_levels,
-        image_shape=image_shape, condition=condition, n_classes=n_classes, meta=meta,
+        likelihood=resolved.options.likelihood, binarize=resolved.options.binarize, n_levels=loaded.n_levels,
+        image_shape=loaded.image_shape, condition=resolved.options.condition,
+        n_classes=loaded.n_classes, meta=meta,
     )

@@ -1,20 +1,26 @@
-"""Figures for a training run.
+"""Every figure of the toolkit: the primitives, and the figures of a run.
 
 Every plotting function takes plain numpy arrays or pandas DataFrames (torch
 tensors are accepted too and converted with ``np.asarray(t.detach().cpu())``),
 writes a PNG file to ``path`` and returns that path as a :class:`pathlib.Path`.
 
 * Parent directories are created as needed.
-* The file is written atomically: the PNG is rendered in memory, written to a
-  temporary file in the destination directory and moved into place with
-  :func:`os.replace`, so a reader never sees a half-written image.
+* The file is written atomically: the PNG is rendered in memory and written with
+  :func:`ppl_genmodels.runs.atomic_write`, so a reader never sees a half-written image.
 * Figures are built with :class:`matplotlib.figure.Figure` on an Agg canvas,
   never through ``pyplot``: importing or using this module needs no display
   and does not touch the user's global pyplot state.
 * Nothing is printed.
 
-Functions
----------
+Figures of a run (they read a :class:`~ppl_genmodels.runs.Run`):
+
+plot_run                   everything ``fit`` draws into ``RUN_DIR/plots``.
+sample_run                 draws from a trained model, as an image grid or a scatter.
+plot_comparison            the figures of ``compare`` (gap histograms, 2-D posteriors).
+data_images                flat pixel vectors of a dataset -> [n, H, W] images.
+
+Primitives:
+
 plot_metrics               ELBO curves (train / validation) per epoch.
 image_grid                 grey-level images tiled into a grid.
 plot_reconstructions       originals above their reconstructions.
@@ -28,16 +34,23 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ppl_genmodels.evaluation import log_density_grid
+from ppl_genmodels.runs import as_run, atomic_write
+from ppl_genmodels.traces import generate, reconstruct
+
 __all__ = [
+    "plot_run",
+    "sample_run",
+    "plot_comparison",
+    "data_images",
     "plot_metrics",
     "image_grid",
     "plot_reconstructions",
@@ -74,22 +87,12 @@ def _new_figure(figsize) -> Figure:
 
 def _save(fig: Figure, path) -> Path:
     """Render ``fig`` as PNG and write it atomically to ``path``; release the figure."""
-    path = Path(path)
     try:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=DPI)
     finally:
         fig.clear()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, buf.getvalue())
 
 
 def _as_image_stack(images, name: str) -> np.ndarray:
@@ -408,7 +411,7 @@ def plot_points_2d(points, path, *, data=None, true_manifold=None, title=None) -
 
 
 # ---------------------------------------------------------------------------
-# comparing posteriors (inference/compare.py)
+# comparing posteriors (ppl_genmodels/comparison.py)
 # ---------------------------------------------------------------------------
 
 _METHOD_COLOURS = ("0.35", "tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")
@@ -483,3 +486,116 @@ def plot_gap_histogram(approximation_gap, amortization_gap, path, *, title=None)
     ax.legend()
     ax.set_title(title or "log p(x) - ELBO, split into approximation and amortization gaps")
     return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------
+# the figures of a run
+# ---------------------------------------------------------------------------
+
+
+def data_images(data, x, y=None) -> np.ndarray:
+    """Flat pixel vectors of ``data`` (a Dataset with ``image_shape``) -> ``[n, H, W]`` images.
+
+    For ``condition == "quadrants"`` the generated pixels ``x`` and the visible ones
+    ``y`` are put back in place (pixels of a missing ``y`` stay NaN: drawn light blue).
+    """
+    x = _to_numpy(x)
+    if data.condition == "quadrants":
+        y = None if y is None else _to_numpy(y)
+        return assemble_quadrant_images(x, y, data.meta["x_pixels"], data.meta["y_pixels"], data.image_shape)
+    return x.reshape(-1, *data.image_shape)
+
+
+def _image_range(data) -> tuple[float, float]:
+    return (0.0, float(data.n_levels - 1)) if data.likelihood == "categorical" else (0.0, 1.0)
+
+
+def _conditioning(data, n: int, label: int | None, device, dtype):
+    """What to condition generation on: labels in columns, or the test set's visible quadrants."""
+    if data.condition == "label":
+        if label is not None and not 0 <= label < data.n_classes:
+            raise ValueError(f"label {label} is out of range for {data.n_classes} classes")
+        labels = torch.arange(n, device=device) % data.n_classes if label is None else torch.full((n,), label, device=device)
+        return torch.nn.functional.one_hot(labels, data.n_classes).to(dtype)
+    if data.condition == "quadrants":
+        return data.test.y[:n]
+    return None
+
+
+def sample_run(run, n: int = 64, path=None, *, label: int | None = None, seed: int | None = None) -> Path:
+    """Draw ``n`` samples from a trained run's model and write a figure; returns its path.
+
+    Image data: a PNG grid of the likelihood means (for ``--condition label``, one
+    class per column unless ``label`` is given; for ``quadrants``, completions of
+    the first n test images). 2-D data: the samples over the data and the true manifold.
+    """
+    run = as_run(run)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    data = run.data
+    path = Path(path) if path is not None else run.folder("plots") / f"samples_{n}.png"
+    if data.condition == "quadrants":
+        n = min(n, len(data.test.y))
+    template = data.test.x.new_zeros((n, data.x_dim))
+    y = _conditioning(data, n, label, template.device, template.dtype)
+    sample, mean = generate(run.model.model, template, y)
+    if data.image_shape is not None:
+        vmin, vmax = _image_range(data)
+        ncol = data.n_classes if data.condition == "label" and label is None else None
+        return image_grid(data_images(data, mean, y), path, nrow=ncol, title=f"{n} samples", vmin=vmin, vmax=vmax)
+    if data.x_dim == 2:
+        return plot_points_2d(sample, path, data=data.train.x, true_manifold=data.meta.get("true_manifold"),
+                              title=f"{n} samples")
+    raise ValueError(f"cannot draw samples of {data.x_dim}-dimensional non-image data; use the Python API")
+
+
+def _image_figures(run, folder: Path) -> list[Path]:
+    data, model = run.data, run.model
+    written = [sample_run(run, 64 if data.condition != "label" else 8 * data.n_classes, folder / "samples.png")]
+    x, y = data.test.x[:16], None if data.test.y is None else data.test.y[:16]
+    originals, recon = data_images(data, x, y), reconstruct(model.model, model.guide, x, y)
+    if data.condition == "quadrants":
+        _, completion = generate(model.model, x, y)
+        written.append(plot_reconstructions(originals, data_images(data, completion, y), folder / "completions.png",
+                                            title="test images (top) and completions from the visible quadrants (bottom)"))
+    written.append(plot_reconstructions(originals, data_images(data, recon, y), folder / "reconstructions.png",
+                                        title="test images (top) and reconstructions (bottom)"))
+    return written
+
+
+def plot_run(run, *, grid_size: int = 80, k: int = 500) -> list[Path]:
+    """Write the run's figures into ``RUN_DIR/plots`` and return their paths.
+
+    ELBO curves; for image data samples, reconstructions (and completions for
+    quadrants); for unconditioned 2-D data the learned density (IWAE-k on a grid,
+    :func:`~ppl_genmodels.evaluation.log_density_grid`) beside the true manifold, and samples.
+    """
+    run = as_run(run)
+    folder = run.folder("plots")
+    written = [plot_metrics(run.metrics, folder / "elbo.png")] if len(run.metrics) else []
+    data = run.data
+    if data.image_shape is not None:
+        written += _image_figures(run, folder)
+    elif data.x_dim == 2 and data.condition is None:
+        gx, gy, log_p = log_density_grid(run.model, data.train.x, grid_size=grid_size, k=k)
+        written.append(plot_density_2d(gx, gy, log_p, folder / "density.png", data=data.train.x,
+                                       true_manifold=data.meta.get("true_manifold"),
+                                       title=f"learned density p(x) (importance sampling, k={k})"))
+        written.append(sample_run(run, 500, folder / "samples.png"))
+    return written
+
+
+def plot_comparison(comparison, folder) -> list[Path]:
+    """The figures of ``compare``: gap histograms, and for a 2-D latent the posteriors of the first 4 datapoints."""
+    folder = Path(folder)
+    per = comparison.per_datapoint
+    written = [plot_gap_histogram(per["approximation_gap"], per["amortization_gap"], folder / "gaps.png")]
+    draws, index = comparison.draws, comparison.index
+    if next(iter(draws.values())).shape[-1] == 2:
+        shown = range(min(4, len(index)))
+        panels = [{label: value[:, b] for label, value in draws.items()} for b in shown]
+        written.append(plot_posteriors_2d(panels, folder / "posteriors.png",
+                                          titles=[f"datapoint {index[b]}" for b in shown]))
+    return written

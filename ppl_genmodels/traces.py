@@ -27,6 +27,7 @@ runs the particles one at a time for models that do not broadcast.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -35,32 +36,51 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
+from torch.distributions import biject_to
 
 DATA_PLATE = "data"
 PARTICLE_PLATE = "particles"
 
 __all__ = [
     "DATA_PLATE",
+    "PROPOSALS",
     "TraceError",
+    "plate_dims",
+    "seeded_from",
     "max_plate_nesting",
     "log_weights",
-    "observed_site_names",
     "log_mean_exp",
+    "observed_site",
     "generate",
     "reconstruct",
     "LatentSite",
     "LatentLayout",
     "latent_layout",
+    "STARTS",
     "LogJoint",
 ]
+
+#: proposals of :func:`log_weights`: the guide q(z | x, y), the prior p(z | y), or their defensive mixture
+PROPOSALS = ("guide", "prior", "mixture")
 
 
 class TraceError(ValueError):
     """A model/guide pair that breaks the model contract (one-line message)."""
 
 
-def _plate_dims(site) -> dict:
+def plate_dims(site) -> dict[str, int]:
+    """``{plate name: batch dimension}`` of the vectorized plates a sample site sits in."""
     return {f.name: f.dim for f in site["cond_indep_stack"] if f.vectorized}
+
+
+def _in_particle_plate(fn: Callable, num: int, dim: int) -> Callable:
+    """``fn`` run inside ``pyro.plate("particles", num, dim=dim)``: ``num`` draws of every site at once."""
+
+    def vectorized(*args):
+        with pyro.plate(PARTICLE_PLATE, num, dim=dim):
+            return fn(*args)
+
+    return vectorized
 
 
 def max_plate_nesting(model: Callable, guide: Callable, *args) -> int:
@@ -72,20 +92,13 @@ def max_plate_nesting(model: Callable, guide: Callable, *args) -> int:
     for tr in (guide_trace, model_trace):
         for site in tr.nodes.values():
             if site["type"] == "sample":
-                dims += [-d for d in _plate_dims(site).values()]
+                dims += [-d for d in plate_dims(site).values()]
     return max(1, max(dims))
-
-
-def observed_site_names(model: Callable, *args) -> list[str]:
-    """Names of the observed sample sites of ``model`` run on ``args``."""
-    with torch.no_grad(), poutine.block():
-        tr = poutine.trace(model).get_trace(*args)
-    return [n for n, s in tr.nodes.items() if s["type"] == "sample" and s["is_observed"]]
 
 
 def _site_log_prob(site, particle_dim: int | None, num_particles: int, batch_size: int) -> torch.Tensor:
     """One site's log-density reduced to ``[K, B]`` (or ``[B]`` when particle_dim is None)."""
-    dims = _plate_dims(site)
+    dims = plate_dims(site)
     if DATA_PLATE not in dims:
         raise TraceError(
             f"sample site {site['name']!r} is outside pyro.plate({DATA_PLATE!r}); per-datapoint "
@@ -107,7 +120,21 @@ def _site_log_prob(site, particle_dim: int | None, num_particles: int, batch_siz
     return lp.expand(shape)
 
 
-PROPOSALS = ("guide", "prior", "mixture")
+@contextlib.contextmanager
+def seeded_from(generator: torch.Generator | None):
+    """Run Pyro's draws (which use torch's global generator) from a seed drawn from ``generator``.
+
+    The global generator's state is saved and restored around the block, so a
+    caller's own random stream is untouched. With ``generator=None`` nothing
+    changes: the block draws from the global generator as usual.
+    """
+    if generator is None:
+        yield
+        return
+    seed = int(torch.randint(2**62, (), generator=generator, device=generator.device).item())
+    with torch.random.fork_rng():  # every device's global state, since manual_seed reseeds them all
+        torch.manual_seed(seed)
+        yield
 
 
 def _run_pair(model, guide, args, first: str):
@@ -152,14 +179,7 @@ def _weights_once(model, guide, args, batch_size, proposal, particle_dim, num_pa
     shape = (batch_size,) if particle_dim is None else (num_particles, batch_size)
 
     def wrap(fn, k):
-        if particle_dim is None:
-            return fn
-
-        def vectorized(*a):
-            with pyro.plate(PARTICLE_PLATE, k, dim=particle_dim):
-                return fn(*a)
-
-        return vectorized
+        return fn if particle_dim is None else _in_particle_plate(fn, k, particle_dim)
 
     def reduce_for(k):
         return lambda site: _site_log_prob(site, particle_dim, k, batch_size)
@@ -258,7 +278,8 @@ def _site_mean(site) -> torch.Tensor:
     return site["value"] if torch.isnan(mean).any() else mean
 
 
-def _pick_observed(trace, site: str | None) -> str:
+def observed_site(trace, site: str | None = None) -> str:
+    """The name of the observed site that holds the data: ``site`` if given, else ``"x"`` or the only one."""
     observed = [n for n, s in trace.nodes.items() if s["type"] == "sample" and (s["is_observed"] or s["infer"].get("was_observed"))]
     if site is not None:
         return site
@@ -280,7 +301,7 @@ def generate(model: Callable, x_template: torch.Tensor, y: torch.Tensor | None =
     makes clearer pictures than the binary sample.
     """
     trace = poutine.trace(poutine.uncondition(model)).get_trace(x_template, y)
-    name = _pick_observed(trace, site)
+    name = observed_site(trace, site)
     return trace.nodes[name]["value"], _site_mean(trace.nodes[name])
 
 
@@ -289,7 +310,7 @@ def reconstruct(model: Callable, guide: Callable, x: torch.Tensor, y: torch.Tens
     """Mean of p(x | z) at z ~ q(z | x): the model's reconstruction of ``x``."""
     guide_trace = poutine.trace(guide).get_trace(x, y)
     trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y)
-    return _site_mean(trace.nodes[_pick_observed(trace, site)])
+    return _site_mean(trace.nodes[observed_site(trace, site)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +347,10 @@ class LatentLayout:
     def dim(self) -> int:
         return sum(s.numel for s in self.sites)
 
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
     def unpack(self, u: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``u [..., dim]`` -> (constrained values per site ``[..., *event_shape]``, log|det J| ``[...]``)."""
         lead = u.shape[:-1]
@@ -349,11 +374,18 @@ class LatentLayout:
             parts.append(u.reshape(tuple(lead) + (site.numel,)))
         return torch.cat(parts, -1)
 
+    def flatten(self, values: dict[str, torch.Tensor], lead: int) -> torch.Tensor:
+        """Constrained values per site with ``lead`` leading dimensions -> ``[*lead dims, latent_dim]``, detached.
+
+        The sites are concatenated in the layout's order: the one flat view of the
+        latents that every comparison of posterior draws uses.
+        """
+        parts = [values[name].reshape(values[name].shape[:lead] + (-1,)) for name in self.names]
+        return torch.cat(parts, -1).detach()
+
 
 def latent_layout(model: Callable, x: torch.Tensor, y: torch.Tensor | None = None) -> LatentLayout:
     """The latent sites of ``model`` on data ``x``, each of batch shape exactly ``[batch]`` (the data plate)."""
-    from torch.distributions import biject_to
-
     with torch.no_grad(), poutine.block():
         trace = prune_subsample_sites(poutine.trace(model).get_trace(x, y))
     sites = []
@@ -361,7 +393,7 @@ def latent_layout(model: Callable, x: torch.Tensor, y: torch.Tensor | None = Non
         if site["type"] != "sample" or site["is_observed"]:
             continue
         fn = site["fn"]
-        if DATA_PLATE not in _plate_dims(site):
+        if DATA_PLATE not in plate_dims(site):
             raise TraceError(f"latent site {name!r} is outside pyro.plate({DATA_PLATE!r})")
         if tuple(fn.batch_shape) != (x.shape[0],):
             raise TraceError(
@@ -378,33 +410,31 @@ def latent_layout(model: Callable, x: torch.Tensor, y: torch.Tensor | None = Non
     return LatentLayout(sites)
 
 
-def _particle_wrapped(fn: Callable, num: int, dim: int) -> Callable:
-    def wrapped(*args):
-        with pyro.plate(PARTICLE_PLATE, num, dim=dim):
-            return fn(*args)
-
-    return wrapped
+#: where samplers start: the prior p(z | y) or the amortized guide q(z | x, y)
+STARTS = ("prior", "guide")
 
 
 class LogJoint:
-    """Annealing ingredients of a model/guide pair on fixed data, as functions of ``u [chains, batch, dim]``.
+    """The log densities of a model/guide pair on fixed data, as functions of ``u [chains, batch, dim]``.
 
-    ``__call__(u)`` returns ``(log_init, log_target)``, both ``[chains, batch]``, in
-    unconstrained space (the log|det J| of the transform included in both):
+    In unconstrained space (the log|det J| of the transform included in each):
 
-    - ``log_target = log p(x, z(u) | y) + log|J|``, the unnormalised posterior;
-    - ``log_init = log r(z(u)) + log|J|``, a normalised initial density: r = p(z | y)
-      (``init="prior"``) or the amortized guide q(z | x, y) (``init="guide"``).
+    - ``log_target(u) = log p(x, z(u) | y) + log|J|``, the unnormalised posterior;
+    - ``log_start(u) = log r(z(u)) + log|J|``, the normalised density samplers start
+      from: r = p(z | y) (``start="prior"``) or the amortized guide q(z | x, y)
+      (``start="guide"``). AIS anneals from it to the target.
 
-    ``sample_init(chains)`` draws u from r. The model runs with its latents
-    conditioned on z(u) under an extra ``particles`` plate for the chains.
+    ``joint(u)`` returns ``(log_start, log_target)``, both ``[chains, batch]``, from one
+    pass of the model (and one of the guide for ``start="guide"``); ``sample_start(chains)``
+    draws u from r. The model runs with its latents conditioned on z(u) under an extra
+    ``particles`` plate for the chains.
     """
 
     def __init__(self, model: Callable, guide: Callable, x: torch.Tensor, y: torch.Tensor | None = None,
-                 *, init: str = "prior", nesting: int | None = None):
-        if init not in ("prior", "guide"):
-            raise ValueError(f"unknown initial distribution {init!r}; expected 'prior' or 'guide'")
-        self.model, self.guide, self.x, self.y, self.init = model, guide, x, y, init
+                 *, start: str = "prior", nesting: int | None = None):
+        if start not in STARTS:
+            raise ValueError(f"unknown initial distribution {start!r}; expected one of {', '.join(STARTS)}")
+        self.model, self.guide, self.x, self.y, self.start = model, guide, x, y, start
         self.layout = latent_layout(model, x, y)
         self.nesting = max_plate_nesting(model, guide, x, y) if nesting is None else nesting
         self.particle_dim = -self.nesting - 1
@@ -413,42 +443,49 @@ class LogJoint:
     def dim(self) -> int:
         return self.layout.dim
 
-    def _reduce(self, chains):
-        return lambda site: _site_log_prob(site, self.particle_dim, chains, self.x.shape[0])
+    def _trace(self, program: Callable, values: dict, chains: int):
+        conditioned = _in_particle_plate(poutine.condition(program, data=values), chains, self.particle_dim)
+        return prune_subsample_sites(poutine.trace(conditioned).get_trace(self.x, self.y))
 
-    def __call__(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _parts(self, u: torch.Tensor):
+        """(values, log|J|, log p(z | y), log p(x | z, y)) at ``u``, each density ``[chains, batch]``."""
         chains = u.shape[0]
         values, log_jac = self.layout.unpack(u)
-        names = set(values)
-        conditioned = _particle_wrapped(poutine.condition(self.model, data=values), chains, self.particle_dim)
-        trace = prune_subsample_sites(poutine.trace(conditioned).get_trace(self.x, self.y))
-        reduce = self._reduce(chains)
         log_prior = log_lik = 0.0
-        for name, site in trace.nodes.items():
+        for name, site in self._trace(self.model, values, chains).nodes.items():
             if site["type"] != "sample":
                 continue
-            if name in names:
-                log_prior = log_prior + reduce(site)
+            if name in values:
+                log_prior = log_prior + _site_log_prob(site, self.particle_dim, chains, self.x.shape[0])
             elif site["is_observed"]:
-                log_lik = log_lik + reduce(site)
+                log_lik = log_lik + _site_log_prob(site, self.particle_dim, chains, self.x.shape[0])
             else:
                 raise TraceError(f"latent site {name!r} appeared that the layout does not know")
+        return values, log_jac, log_prior, log_lik
+
+    def log_target(self, u: torch.Tensor) -> torch.Tensor:
+        """``log p(x, z(u) | y) + log|J|  # [chains, batch]``."""
+        _, log_jac, log_prior, log_lik = self._parts(u)
+        return log_prior + log_lik + log_jac
+
+    def __call__(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values, log_jac, log_prior, log_lik = self._parts(u)
         log_target = log_prior + log_lik + log_jac
-        if self.init == "prior":
+        if self.start == "prior":
             return log_prior + log_jac, log_target
-        guided = _particle_wrapped(poutine.condition(self.guide, data=values), chains, self.particle_dim)
-        guide_trace = prune_subsample_sites(poutine.trace(guided).get_trace(self.x, self.y))
+        chains = u.shape[0]
         log_q = 0.0
-        for name, site in guide_trace.nodes.items():
-            if site["type"] == "sample" and name in names:
-                log_q = log_q + reduce(site)
+        for name, site in self._trace(self.guide, values, chains).nodes.items():
+            if site["type"] == "sample" and name in values:
+                log_q = log_q + _site_log_prob(site, self.particle_dim, chains, self.x.shape[0])
         return log_q + log_jac, log_target
 
     @torch.no_grad()
-    def sample_init(self, chains: int) -> torch.Tensor:
-        """u ~ r, ``[chains, batch, dim]``."""
-        program = self.model if self.init == "prior" else self.guide
-        trace = poutine.trace(_particle_wrapped(program, chains, self.particle_dim)).get_trace(self.x, self.y)
+    def sample_start(self, chains: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """u ~ r, ``[chains, batch, dim]``; from ``generator`` when given (the global generator is left alone)."""
+        program = _in_particle_plate(self.model if self.start == "prior" else self.guide, chains, self.particle_dim)
+        with seeded_from(generator):
+            trace = poutine.trace(program).get_trace(self.x, self.y)
         batch = self.x.shape[0]
         values = {s.name: trace.nodes[s.name]["value"].expand((chains, batch) + s.event_shape) for s in self.layout.sites}
         return self.layout.pack(values, (chains, batch))

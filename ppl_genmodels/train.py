@@ -7,10 +7,13 @@ as a differentiable loss, and a plain ``torch.optim`` optimizer drives the
 module's own parameters (no Pyro param store). Gradients are those of the
 loss averaged over the datapoints of a minibatch.
 
-Each epoch appends a row to ``metrics.csv`` (epoch, train ELBO, validation
-ELBO, wall seconds), writes ``checkpoint.pt`` (model, optimizer and RNG
-states, so ``resume`` continues bit-for-bit on the CPU) and, when the
-validation ELBO improves, ``best.pt``. Training stops early after
+:func:`fit` reads as its three steps: start a run or resume one
+(:func:`_start` / :func:`_resume`: options checked, data loaded and the model
+built before anything is written), train one epoch (:func:`_train_epoch`), and
+write what the epoch produced (:func:`_write_epoch`): a row of ``metrics.csv``
+(epoch, train ELBO, validation ELBO, wall seconds), ``checkpoint.pt`` (model,
+optimizer and RNG states, so ``resume`` continues bit-for-bit on the CPU) and,
+when the validation ELBO improves, ``best.pt``. Training stops early after
 ``patience`` epochs without improvement, and stops with
 :class:`TrainingDiverged` the moment a loss is NaN or infinite, before that
 step touches the parameters: the last good checkpoint stays on disk.
@@ -18,22 +21,26 @@ step touches the parameters: the last good checkpoint stays on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyro
 import torch
 from tqdm.auto import tqdm
 
 from ppl_genmodels import runs
-from ppl_genmodels.checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ppl_genmodels.config import OPTIMIZERS, ConfigError, RunConfig, build_model, model_spec_string, resolve_device
 from ppl_genmodels.inference.objectives import make_objective
-from ppl_genmodels.runs import ConfigError, Run, RunConfig
+from ppl_genmodels.runs import Run, load_checkpoint, save_checkpoint, write_csv
 from ppl_genmodels.traces import TraceError, log_weights, max_plate_nesting
 
-__all__ = ["Trainer", "TrainingDiverged", "fit", "validation_elbo"]
+__all__ = ["Trainer", "TrainingDiverged", "fit", "validation_elbo", "rng_state", "set_rng_state"]
 
 METRIC_COLUMNS = ["epoch", "train_elbo", "val_elbo", "seconds"]
 
@@ -42,9 +49,34 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint was kept."""
 
 
-def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
-    return classes[name](params, lr=lr)
+def rng_state() -> dict:
+    """The state of every random-number generator training touches, as checkpointable values."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_has_gauss": int(np_state[3]),
+        "numpy_gauss": float(np_state[4]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the generators saved by :func:`rng_state`."""
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(
+        ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+         state["numpy_has_gauss"], state["numpy_gauss"])
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 @torch.no_grad()
@@ -70,7 +102,7 @@ class Trainer:
         self.validate_next = True  # Pyro's argument checks run on the first step only
 
     def step(self, x, y=None) -> float:
-        """One gradient step; returns the minibatch loss summed over datapoints (or raises on NaN)."""
+        """One gradient step; returns the minibatch loss summed over datapoints (NaN or inf: no step taken)."""
         with pyro.validation_enabled(self.validate_next):
             loss = self.objective.loss(self.model.model, self.model.guide, x, y)
         self.validate_next = False
@@ -99,13 +131,146 @@ def _check_contract(model, dataset) -> int:
     return nesting
 
 
-def _prepare(config: RunConfig, model_class=None):
-    """Validate options, load data and build the model: everything that can fail before writing."""
+@dataclass
+class _Training:
+    """What the epochs share: the run's directory and configuration, data, model, optimizer and progress."""
+
+    out: Path
+    config: RunConfig
+    dataset: object
+    net: torch.nn.Module
+    trainer: Trainer
+    device: torch.device
+    shuffle: torch.Generator
+    history: list = field(default_factory=list)
+    best_val: float = -math.inf
+    bad_epochs: int = 0
+    start_epoch: int = 1
+    stopped_early: bool = False
+
+
+def _new_config(model, data, out, options: dict) -> tuple[RunConfig, Path]:
+    """The configuration of a new run and its directory (never an existing, non-empty one)."""
+    if options.get("data_dir"):
+        options["data_dir"] = str(Path(options["data_dir"]).resolve())
+    data = str(Path(data).resolve()) if Path(str(data)).suffix in (".npy", ".npz", ".csv") else str(data)
+    config = RunConfig.from_dict({"model": model_spec_string(model), "data": data, **options})
+    if out is None:
+        out = Path("runs") / f"{Path(str(data)).stem}-{Path(config.model.split(':')[-1]).stem.lower()}"
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"run directory {out} already exists; use --resume to continue it or choose another --out")
+    return config, out
+
+
+def _resumed_config(out, options: dict) -> tuple[RunConfig, Path]:
+    """The saved configuration of the run in ``out``, with the options a resume may change."""
+    if out is None:
+        raise ConfigError("resume needs the run directory (out)")
+    out = Path(out)
+    config = runs.read_config(out)
+    resumable = {name for name, meta in _option_metadata().items() if meta.get("resumable")}
+    extra = sorted(set(options) - resumable)
+    if extra:
+        raise ConfigError(f"a resumed run keeps its configuration; cannot change {', '.join(extra)}")
+    for key, value in options.items():
+        setattr(config, key, value)
+    if not (out / runs.CHECKPOINT_FILE).is_file():
+        raise ConfigError(f"{out} has no {runs.CHECKPOINT_FILE} to resume from")
+    return config, out
+
+
+def _option_metadata() -> dict[str, dict]:
+    return {f.name: dict(f.metadata) for f in dataclasses.fields(RunConfig)}
+
+
+def _start(config: RunConfig, out: Path, model_class) -> _Training:
+    """Check, load and build everything that can fail before the run directory is written."""
+    pyro.set_rng_seed(config.seed)
     config.validate()
-    dataset = runs.load_dataset_for(config)
-    model = runs.build_model(config, dataset, model_class)
-    device = runs.resolve_device(config.device)
-    return dataset.to(device), model.to(device), device
+    dataset = config.load_data()
+    net = build_model(config, dataset, model_class)
+    device = resolve_device(config.device)
+    dataset, net = dataset.to(device), net.to(device)
+    nesting = _check_contract(net, dataset)
+    objective = make_objective(config.elbo, config.particles, nesting)
+    trainer = Trainer(net, objective, OPTIMIZERS[config.optimizer](net.parameters(), lr=config.lr))
+    return _Training(out, config, dataset, net, trainer, device, torch.Generator().manual_seed(config.seed))
+
+
+def _resume(run: _Training) -> None:
+    """Restore the model, optimizer, RNG states, counters and metrics of the last checkpoint."""
+    state = load_checkpoint(run.out / runs.CHECKPOINT_FILE, map_location="cpu")
+    run.net.load_state_dict(state["model"])
+    run.trainer.optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    run.shuffle.set_state(state["shuffle_rng"])
+    run.best_val, run.bad_epochs = state["best_val"], state["bad_epochs"]
+    run.start_epoch = state["epoch"] + 1
+    # patience may have been raised since: judge the saved counter against the new value
+    run.stopped_early = bool(run.config.patience) and run.bad_epochs >= run.config.patience
+    run.history = pd.read_csv(run.out / runs.METRICS_FILE).to_dict("records")[: state["epoch"]]
+
+
+def _train_epoch(run: _Training, epoch: int, last_epoch: int, bar) -> float:
+    """One pass over the shuffled training batches; returns the mean training ELBO per datapoint."""
+    run.net.train()
+    total, count = 0.0, 0
+    for step, (x, y) in enumerate(run.dataset.batches("train", run.config.batch_size, shuffle=True,
+                                                      generator=run.shuffle)):
+        value = run.trainer.step(x, y)
+        if not math.isfinite(value):
+            kept = (f"the last good checkpoint (epoch {last_epoch}) is kept in {run.out}" if last_epoch >= 1
+                    else "no epoch had completed, so no checkpoint was written")
+            raise TrainingDiverged(f"training stopped: the loss became {value} at epoch {epoch}, step {step + 1}; "
+                                   f"{kept}; try a smaller --lr")
+        total += value
+        count += x.shape[0]
+        if bar is not None and step % 10 == 0:
+            bar.set_postfix(epoch=epoch, loss=f"{total / count:.3f}", refresh=False)
+    return -total / count
+
+
+def _write_epoch(run: _Training, epoch: int, train_elbo: float, val: float, seconds: float) -> None:
+    """Record the epoch: ``best.pt`` if it improved, ``checkpoint.pt`` and ``metrics.csv`` always."""
+    run.history.append({"epoch": epoch, "train_elbo": train_elbo, "val_elbo": val, "seconds": seconds})
+    if val > run.best_val:
+        run.best_val, run.bad_epochs = val, 0
+        save_checkpoint(run.out / runs.BEST_FILE, {"model": run.net.state_dict(), "epoch": epoch, "val_elbo": val})
+    else:
+        run.bad_epochs += 1
+    run.stopped_early = bool(run.config.patience) and run.bad_epochs >= run.config.patience
+    save_checkpoint(run.out / runs.CHECKPOINT_FILE, {
+        "model": run.net.state_dict(), "optimizer": run.trainer.optimizer.state_dict(), "epoch": epoch,
+        "best_val": run.best_val, "bad_epochs": run.bad_epochs, "stopped_early": run.stopped_early,
+        "config": run.config.to_dict(), "rng": rng_state(), "shuffle_rng": run.shuffle.get_state(),
+    })
+    write_csv(run.out / runs.METRICS_FILE, pd.DataFrame(run.history, columns=METRIC_COLUMNS))
+
+
+def _epochs(run: _Training, progress: bool) -> None:
+    """Train from ``run.start_epoch`` until the last epoch, early stopping or divergence."""
+    epochs = range(run.start_epoch, run.config.epochs + 1) if not run.stopped_early else range(0)
+    with tqdm(total=len(epochs), desc=f"fit {run.config.model} on {run.config.data}", unit="epoch",
+              disable=not progress, dynamic_ncols=True) as bar:
+        last_epoch = run.start_epoch - 1
+        for epoch in epochs:
+            started = time.perf_counter()
+            train_elbo = _train_epoch(run, epoch, last_epoch, bar if progress else None)
+            run.net.eval()
+            val = validation_elbo(run.net, run.dataset)
+            if not math.isfinite(val):
+                raise TrainingDiverged(f"training stopped: the validation ELBO became {val} at epoch {epoch}; "
+                                       f"the last good checkpoint (epoch {last_epoch}) is kept in {run.out}")
+            _write_epoch(run, epoch, train_elbo, val, time.perf_counter() - started)
+            last_epoch = epoch
+            bar.set_postfix(epoch=epoch, train_elbo=f"{train_elbo:.3f}", val_elbo=f"{val:.3f}")
+            bar.update(1)
+            if run.stopped_early:
+                break
+    if progress and run.stopped_early:
+        tqdm.write(f"early stopping: no validation improvement for {run.config.patience} epochs "
+                   f"(best {run.best_val:.3f})")
 
 
 def fit(
@@ -129,125 +294,33 @@ def fit(
         out: the run directory (default ``runs/<data>-<model>``); an existing one is never
             overwritten: pass ``resume=True`` to continue it.
         resume: continue the run in ``out`` from its last checkpoint (its saved configuration
-            is used; ``epochs`` and ``patience`` may be raised).
+            is used; ``epochs``, ``patience`` and ``device`` may be changed).
         progress: show a progress bar.
         evaluate: after training, estimate the test-set ELBO and IWAE-k (k = ``eval_k``).
         plots: write figures into ``out/plots``.
-        **options: fields of :class:`~ppl_genmodels.runs.RunConfig` (epochs, lr, batch_size, ...).
+        **options: options of :class:`~ppl_genmodels.config.RunConfig`, data options included
+            (epochs, lr, batch_size, max_examples, ...).
     """
     model_class = model if not isinstance(model, str) else None
+    config, out = _resumed_config(out, options) if resume else _new_config(model, data, out, options)
+    run = _start(config, out, model_class)
     if resume:
-        if out is None:
-            raise ConfigError("resume needs the run directory (out)")
-        out = Path(out)
-        config = runs.read_config(out)
-        extra = sorted(set(options) - {"epochs", "patience", "device"})
-        if extra:
-            raise ConfigError(f"a resumed run keeps its configuration; cannot change {', '.join(extra)}")
-        for key, value in options.items():
-            setattr(config, key, value)
-        if not (out / runs.CHECKPOINT_FILE).is_file():
-            raise ConfigError(f"{out} has no {runs.CHECKPOINT_FILE} to resume from")
-    else:
-        if options.get("data_dir"):
-            options["data_dir"] = str(Path(options["data_dir"]).resolve())
-        data = str(Path(data).resolve()) if Path(str(data)).suffix in (".npy", ".npz", ".csv") else str(data)
-        config = RunConfig.from_dict({"model": runs.model_spec_string(model), "data": data, **options})
-        out = Path(out) if out is not None else Path("runs") / f"{Path(str(data)).stem}-{Path(config.model.split(':')[-1]).stem.lower()}"
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ConfigError(f"run directory {out} already exists; use --resume to continue it or choose another --out")
-
-    pyro.set_rng_seed(config.seed)
-    dataset, net, device = _prepare(config, model_class)
-    nesting = _check_contract(net, dataset)
-    objective = make_objective(config.elbo, config.particles, nesting)
-    optimizer = _make_optimizer(config.optimizer, net.parameters(), config.lr)
-    trainer = Trainer(net, objective, optimizer)
-    shuffle = torch.Generator().manual_seed(config.seed)
-
-    history: list[dict] = []
-    best_val, bad_epochs, start_epoch, stopped_early = -math.inf, 0, 1, False
-    if resume:
-        state = load_checkpoint(out / runs.CHECKPOINT_FILE, map_location="cpu")
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        shuffle.set_state(state["shuffle_rng"])
-        best_val, bad_epochs = state["best_val"], state["bad_epochs"]
-        start_epoch = state["epoch"] + 1
-        # patience may have been raised since: judge the saved counter against the new value
-        stopped_early = bool(config.patience) and bad_epochs >= config.patience
-        history = pd.read_csv(out / runs.METRICS_FILE).to_dict("records")[: state["epoch"]]
+        _resume(run)
     else:
         out.mkdir(parents=True, exist_ok=True)
     runs.write_config(out, config)
-
-    epochs = range(start_epoch, config.epochs + 1) if not stopped_early else range(0)
-    bar = tqdm(total=len(epochs), desc=f"fit {config.model} on {config.data}", unit="epoch", disable=not progress, dynamic_ncols=True)
-    last_epoch = start_epoch - 1
-    for epoch in epochs:
-        started = time.perf_counter()
-        net.train()
-        total, count = 0.0, 0
-        for step, (x, y) in enumerate(dataset.batches("train", config.batch_size, shuffle=True, generator=shuffle)):
-            value = trainer.step(x, y)
-            if not math.isfinite(value):
-                bar.close()
-                kept = f"the last good checkpoint (epoch {last_epoch}) is kept in {out}" if last_epoch >= 1 else "no epoch had completed, so no checkpoint was written"
-                raise TrainingDiverged(
-                    f"training stopped: the loss became {value} at epoch {epoch}, step {step + 1}; {kept}; try a smaller --lr"
-                )
-            total += value
-            count += x.shape[0]
-            if progress and step % 10 == 0:
-                bar.set_postfix(epoch=epoch, loss=f"{total / count:.3f}", refresh=False)
-        net.eval()
-        val = validation_elbo(net, dataset)
-        if not math.isfinite(val):
-            bar.close()
-            raise TrainingDiverged(f"training stopped: the validation ELBO became {val} at epoch {epoch}; the last good checkpoint (epoch {last_epoch}) is kept in {out}")
-        seconds = time.perf_counter() - started
-        history.append({"epoch": epoch, "train_elbo": -total / count, "val_elbo": val, "seconds": seconds})
-        if val > best_val:
-            best_val, bad_epochs = val, 0
-            save_checkpoint(out / runs.BEST_FILE, {"model": net.state_dict(), "epoch": epoch, "val_elbo": val})
-        else:
-            bad_epochs += 1
-        stopped_early = bool(config.patience) and bad_epochs >= config.patience
-        save_checkpoint(
-            out / runs.CHECKPOINT_FILE,
-            {
-                "model": net.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "best_val": best_val,
-                "bad_epochs": bad_epochs,
-                "stopped_early": stopped_early,
-                "config": config.to_dict(),
-                "rng": rng_state(),
-                "shuffle_rng": shuffle.get_state(),
-            },
-        )
-        atomic_write_text(out / runs.METRICS_FILE, pd.DataFrame(history, columns=METRIC_COLUMNS).to_csv(index=False))
-        last_epoch = epoch
-        bar.set_postfix(epoch=epoch, train_elbo=f"{-total / count:.3f}", val_elbo=f"{val:.3f}")
-        bar.update(1)
-        if stopped_early:
-            break
-    bar.close()
-    if progress and stopped_early:
-        tqdm.write(f"early stopping: no validation improvement for {config.patience} epochs (best {best_val:.3f})")
-
-    best = load_checkpoint(out / runs.BEST_FILE, map_location=device)
-    net.load_state_dict(best["model"])
-    net.eval()
-    run = Run(out, config, net, dataset, pd.DataFrame(history, columns=METRIC_COLUMNS), int(best["epoch"]), device)
+    _epochs(run, progress)
+    best = load_checkpoint(out / runs.BEST_FILE, map_location=run.device)
+    run.net.load_state_dict(best["model"])
+    run.net.eval()
+    result = Run(out, config, run.net, run.dataset, pd.DataFrame(run.history, columns=METRIC_COLUMNS),
+                 int(best["epoch"]), run.device)
     if evaluate:
         from ppl_genmodels.evaluation import evaluate_run
 
-        evaluate_run(run, k=config.eval_k, progress=progress)
+        evaluate_run(result, k=config.eval_k, progress=progress)
     if plots:
-        from ppl_genmodels.evaluation import plot_run
+        from ppl_genmodels.plots import plot_run
 
-        plot_run(run)
-    return run
+        plot_run(result)
+    return result

@@ -8,7 +8,6 @@ import pytest
 import torch
 from pyro.nn import PyroModule
 
-from ppl_genmodels.inference import hmc
 from ppl_genmodels.inference.ais import ais, bdmc, linear_schedule, sigmoid_schedule, simulate
 from ppl_genmodels.inference.importance import iwae_estimate
 from conftest import make_ppca
@@ -28,55 +27,21 @@ def test_schedules_run_from_zero_to_one():
         sigmoid_schedule(0)
 
 
-def test_batched_hmc_samples_each_target_with_its_own_step_size():
-    torch.manual_seed(0)
-    means = torch.tensor([[-2.0, 0.0], [3.0, 1.0], [0.5, -1.0]], dtype=torch.float64)  # [batch, dim]
-    scales = torch.tensor([[0.5, 1.0], [2.0, 0.3], [1.0, 1.0]], dtype=torch.float64)
-
-    def logdensity(z):  # z [chains, batch, dim]: independent Gaussians, one per datapoint
-        return torch.distributions.Normal(means, scales).log_prob(z).sum(-1)
-
-    state = hmc.init(torch.zeros(200, 3, 2, dtype=torch.float64), logdensity)
-    eps = torch.full((1, 3, 1), 0.3, dtype=torch.float64)
-    draws, accept = [], []
-    for i in range(400):
-        state, info = hmc.step(state, logdensity, eps, scales.pow(2), num_steps=5)
-        if i < 100:
-            eps = hmc.adapt_step_size(eps, info.accept_prob)
-        else:
-            draws.append(state.position)
-            accept.append(info.accept_prob)
-    samples = torch.stack(draws).reshape(-1, 3, 2)
-    torch.testing.assert_close(samples.mean(0), means, atol=0.1 * 2, rtol=0)
-    torch.testing.assert_close(samples.std(0), scales, atol=0.15, rtol=0.1)
-    assert 0.4 < torch.stack(accept).mean() <= 1.0
-
-
-def test_hmc_rejects_divergent_trajectories():
-    def logdensity(z):
-        return -0.5 * (z**2).sum(-1) * 1e6  # so stiff that a unit step explodes
-
-    state = hmc.init(torch.full((4, 2, 3), 0.01), logdensity)
-    new, info = hmc.step(state, logdensity, 1.0, 1.0, num_steps=3)
-    assert info.divergent.all() and not info.accepted.any()
-    torch.testing.assert_close(new.position, state.position)
-
-
 @pytest.fixture
 def ppca():
     return make_ppca(8)
 
 
-@pytest.mark.parametrize("init", ["prior", "guide"])
-def test_ais_matches_the_exact_ppca_marginal(ppca, init):
+@pytest.mark.parametrize("start", ["prior", "guide"])
+def test_ais_matches_the_exact_ppca_marginal(ppca, start):
     model, x = ppca
     torch.manual_seed(1)
-    result = ais(model.model, model.guide, x, num_steps=300, num_chains=32, init=init)
+    result = ais(model.model, model.guide, x, num_steps=300, num_chains=32, start=start)
     exact = model.exact_log_marginal(x)
     assert result.log_z.shape == result.stderr.shape == result.ess.shape == (8,)
     assert result.log_w.shape == (32, 8)
     assert torch.all((result.log_z - exact).abs() < 3 * result.stderr + 0.02)
-    assert torch.all(result.acceptance > 0.4)
+    assert torch.all(result.accept_rate > 0.4)
 
 
 class TanhDecoder(PyroModule):
@@ -148,9 +113,9 @@ def test_constrained_latent_is_annealed_in_unconstrained_space():
     # closed form: the Gamma-Poisson marginal, a product of negative-binomial-like terms
     s, n, a = x.sum(-1), x.shape[-1], 3.0
     exact = (torch.lgamma(s + a) - math.lgamma(a) - torch.lgamma(x + 1).sum(-1) - (s + a) * math.log(n + 1.0))
-    for init in ("prior", "guide"):
-        result = ais(model.model, model.guide, x, num_steps=200, num_chains=32, init=init)
-        assert torch.all((result.log_z - exact).abs() < 3 * result.stderr + 0.03), init
+    for start in ("prior", "guide"):
+        result = ais(model.model, model.guide, x, num_steps=200, num_chains=32, start=start)
+        assert torch.all((result.log_z - exact).abs() < 3 * result.stderr + 0.03), start
 
 
 def test_bdmc_sandwich_closes_as_steps_grow(ppca):
@@ -176,7 +141,7 @@ def test_ais_refuses_what_it_cannot_do(ppca):
     with pytest.raises(ValueError, match="schedule"):
         ais(model.model, model.guide, x, num_steps=5, schedule="cosine")
     with pytest.raises(ValueError, match="initial distribution"):
-        LogJoint(model.model, model.guide, x, init="posterior")
+        LogJoint(model.model, model.guide, x, start="posterior")
 
     class Discrete(PyroModule):
         def model(self, x, y=None):

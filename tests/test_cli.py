@@ -16,8 +16,8 @@ import torch
 from conftest import run_cli as _main
 from conftest import table_rows as _table_rows
 from ppl_genmodels import cli
-from ppl_genmodels.checkpoint import load_checkpoint
-from ppl_genmodels.runs import ConfigError, RunConfig, load_run, read_config
+from ppl_genmodels.config import ConfigError, RunConfig
+from ppl_genmodels.runs import load_checkpoint, load_run, read_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_MODELS = ROOT / "examples" / "my_models.py"
@@ -81,7 +81,7 @@ def test_fit_prints_summary_table(digits_run):
     assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == [1, 2]
     assert not (out / "plots").exists()  # --no-plots
     config = read_config(out)
-    assert (config.hidden, config.z_dim, config.max_examples, config.batch_size) == ([32], 2, 48, 24)
+    assert (config.hidden, config.z_dim, config.data_options.max_examples, config.batch_size) == ([32], 2, 48, 24)
 
 
 def test_fit_resume(tmp_path):
@@ -274,7 +274,7 @@ def test_parser_value_types():
                                           "--model-arg", "df=3.5", "--model-arg", "name=abc", "--model-arg", "df2=null"])
     assert args.hidden == [64, 32]
     assert args.patience is None
-    assert dict(args.model_arg) == {"df": 3.5, "name": "abc", "df2": None}
+    assert dict(args.model_args) == {"df": 3.5, "name": "abc", "df2": None}
 
 
 def test_diverged_training_exits_with_status_1(tmp_path):
@@ -298,7 +298,7 @@ def test_cvae_on_labels_trains_and_samples(tmp_path):
                                   "--max-examples", "40", "--out", out, *QUICK])
     assert code == 0, stderr
     assert {"elbo", "iwae10"} <= set(_table_rows(stdout))
-    assert read_config(out).condition == "label"
+    assert read_config(out).data_options.condition == "label"
     assert _main(["sample", out, "--n", "20"])[0] == 0
     assert _is_png(out / "plots" / "samples_20.png")
     code, stdout, _ = _main(["sample", out, "--n", "8", "--label", "3", "--out", tmp_path / "threes.png"])

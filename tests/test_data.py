@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import struct
@@ -12,8 +13,13 @@ import pytest
 import torch
 
 from ppl_genmodels.data import (
+    BINARIZE_MODES,
+    CONDITIONS,
     DATASETS,
+    LIKELIHOODS,
+    SPLIT_NAMES,
     DataError,
+    DataOptions,
     Dataset,
     Split,
     default_likelihood,
@@ -21,6 +27,7 @@ from ppl_genmodels.data import (
     quadrant_pixels,
     read_idx,
 )
+from ppl_genmodels.plots import assemble_quadrant_images
 
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 
@@ -224,7 +231,10 @@ def test_quadrants_reassemble_to_original(visible, y_dim):
         rebuilt[:, ds.meta["y_pixels"]] = part.y
         rebuilt[:, ds.meta["x_pixels"]] = part.x
         assert torch.equal(rebuilt, full.split(split).x)
-        assert torch.equal(ds.images(part.x, part.y), rebuilt.reshape(-1, 8, 8))
+        images = assemble_quadrant_images(part.x, part.y, ds.meta["x_pixels"],
+                                          ds.meta["y_pixels"], ds.image_shape)
+        assert isinstance(images, np.ndarray) and images.shape == (len(part), 8, 8)
+        np.testing.assert_array_equal(images, rebuilt.reshape(-1, 8, 8).numpy())
 
 
 def test_quadrants_dynamic_draws_x_and_y(digits_raw):
@@ -592,3 +602,94 @@ def test_names_and_files(tmp_path):
 ])
 def test_option_errors(kwargs, match):
     raises_one_line(match, load_dataset, "digits", **kwargs)
+
+
+# --------------------------------------------------------------------------- #
+# DataOptions: one object for every data option
+# --------------------------------------------------------------------------- #
+
+
+def assert_same_dataset(a: Dataset, b: Dataset) -> None:
+    assert (a.name, a.likelihood, a.binarize, a.condition) == (b.name, b.likelihood, b.binarize,
+                                                               b.condition)
+    assert a.describe() == b.describe()
+    for split in SPLIT_NAMES:
+        pa, pb = a.split(split), b.split(split)
+        assert torch.equal(pa.x, pb.x) and torch.equal(pa.index, pb.index)
+        assert (pa.y is None) == (pb.y is None)
+        if pa.y is not None:
+            assert torch.equal(pa.y, pb.y)
+
+
+def test_data_options_defaults_and_frozen():
+    opts = DataOptions()
+    assert [f.name for f in dataclasses.fields(DataOptions)] == [
+        "data_dir", "likelihood", "binarize", "condition", "visible_quadrants",
+        "val_fraction", "test_fraction", "n_samples", "noise", "max_examples"]
+    assert (opts.visible_quadrants, opts.val_fraction, opts.test_fraction) == (1, 0.1, 0.1)
+    assert opts.likelihood is None and opts.max_examples is None and opts.data_dir is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.likelihood = "gaussian"
+
+
+def test_data_options_metadata():
+    choices = {"likelihood": LIKELIHOODS, "binarize": BINARIZE_MODES, "condition": CONDITIONS}
+    for f in dataclasses.fields(DataOptions):
+        text = f.metadata.get("help")
+        assert isinstance(text, str) and text.strip(), f.name
+        assert "\n" not in text and text == text.strip(), f.name
+        assert f.metadata.get("choices") is choices.get(f.name), f.name
+
+
+@pytest.mark.parametrize("name, fields", [
+    ("digits", dict(likelihood="gaussian", max_examples=50)),
+    ("digits", dict(condition="quadrants", visible_quadrants=2, binarize="fixed")),
+    ("digits", dict(condition="label", val_fraction=0.2, test_fraction=0.15)),
+    ("moons", dict(n_samples=300, noise=0.1)),
+])
+def test_options_object_matches_keywords(name, fields):
+    by_keywords = load_dataset(name, seed=4, **fields)
+    by_options = load_dataset(name, DataOptions(**fields), seed=4)
+    assert_same_dataset(by_options, by_keywords)
+
+
+def test_options_object_for_mnist(tmp_path):
+    fake_mnist(tmp_path)
+    opts = DataOptions(data_dir=str(tmp_path), val_fraction=0.25, condition="label")
+    assert_same_dataset(load_dataset("mnist", opts, seed=2),
+                        load_dataset("mnist", seed=2, data_dir=str(tmp_path), val_fraction=0.25,
+                                     condition="label"))
+
+
+def test_keywords_override_options():
+    opts = DataOptions(likelihood="gaussian", max_examples=40, val_fraction=0.2)
+    ds = load_dataset("digits", opts, seed=1, max_examples=30, likelihood="bernoulli")
+    assert ds.likelihood == "bernoulli" and ds.binarize == "dynamic"
+    assert_same_dataset(ds, load_dataset("digits", seed=1, likelihood="bernoulli",
+                                         max_examples=30, val_fraction=0.2))
+    # the options object itself is left as it was
+    assert opts.likelihood == "gaussian" and opts.max_examples == 40
+    # options given by keyword, and the defaults when neither is given
+    assert_same_dataset(load_dataset("digits", options=opts), load_dataset("digits", opts))
+    assert_same_dataset(load_dataset("digits", None), load_dataset("digits", DataOptions()))
+
+
+def test_options_are_still_checked():
+    raises_one_line("unknown likelihood 'poisson'", load_dataset, "digits",
+                    DataOptions(likelihood="poisson"))
+    raises_one_line("visible_quadrants", load_dataset, "digits",
+                    DataOptions(condition="quadrants"), visible_quadrants=5)
+
+
+def test_unknown_keyword_is_a_data_error():
+    msg = raises_one_line("unknown data option 'foo'", load_dataset, "digits", foo=1)
+    assert "known: data_dir, likelihood, binarize" in msg and "max_examples" in msg
+    msg = raises_one_line("unknown data options", load_dataset, "digits", DataOptions(),
+                          likelyhood="gaussian", bar=2)
+    assert "'likelyhood'" in msg and "'bar'" in msg
+
+
+@pytest.mark.parametrize("bad", [{"likelihood": "gaussian"}, "gaussian", 3])
+def test_wrong_options_type_is_a_data_error(bad):
+    msg = raises_one_line("options must be a DataOptions", load_dataset, "digits", bad)
+    assert type(bad).__name__ in msg

@@ -9,7 +9,8 @@ import torch
 
 from conftest import run_cli as _main
 from conftest import table_rows as _table_rows
-from ppl_genmodels import bdmc_run, evaluate_run, evaluation, fit, traces
+from ppl_genmodels import bdmc_run, evaluate_run, fit, traces
+from ppl_genmodels.inference import importance
 from ppl_genmodels.evaluation import EstimatorSpec, parse_estimators
 
 
@@ -159,7 +160,7 @@ class _Recorder:
 
 
 def test_particles_are_streamed_in_bounded_passes(vae_run, monkeypatch):
-    monkeypatch.setattr(evaluation, "_ROWS_PER_PASS", 60)
+    monkeypatch.setattr(importance, "ROWS_PER_PASS", 60)
     rec = _Recorder(monkeypatch)
     _, per = evaluate_run(vae_run, estimators="elbo,iwae:300", n=4, progress=False, save=False)
     assert max(k * b for k, b in rec.calls) <= 60  # never the [300, batch] tensor
@@ -183,7 +184,7 @@ def test_an_elbo_with_its_own_particles_takes_its_own_pass(vae_run, monkeypatch)
     (dict(chains=0), "chains must be >= 1"),
     (dict(n=0), "n must be >= 1"),
     (dict(batch_size=0), "batch_size must be >= 1"),
-    (dict(ais_init="posterior"), "AIS initial distribution"),
+    (dict(ais_start="posterior"), "AIS initial distribution"),
     (dict(proposal="posterior"), "unknown proposal"),
 ])
 def test_bad_arguments_raise_before_any_work(vae_run, monkeypatch, kwargs, words):

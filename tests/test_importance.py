@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ppl_genmodels import traces
-from ppl_genmodels.inference.importance import ImportanceAccumulator, elbo_estimate, iwae_estimate, streaming_estimates
+from ppl_genmodels.inference.importance import ImportanceAccumulator, iwae_estimate, streaming_estimates
 from ppl_genmodels.models.ppca import PPCA
 from ppl_genmodels.models.vae import VAE
 
@@ -16,6 +16,13 @@ def _stream(log_w: torch.Tensor, sizes) -> ImportanceAccumulator:
     for chunk in log_w.split(list(sizes)):
         acc.update(chunk)
     return acc
+
+
+def elbo_estimate(log_w):
+    """Reference: the ELBO and its standard error from all particles at once, ``log_w  # [K, B]``."""
+    k = log_w.shape[0]
+    stderr = log_w.std(0) / math.sqrt(k) if k > 1 else torch.full_like(log_w[0], float("nan"))
+    return log_w.mean(0), stderr
 
 
 def _assert_matches_all_at_once(stats, log_w, atol=1e-10):

@@ -11,7 +11,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from ppl_genmodels import traces
-from ppl_genmodels.inference.importance import importance_estimates
+from ppl_genmodels.inference.importance import streaming_estimates
 from ppl_genmodels.inference.local import fit_local_guides, local_guide, sample_local
 from ppl_genmodels.models.cvae import CVAE
 from ppl_genmodels.models.vae import VAE, diag_normal_params
@@ -63,7 +63,7 @@ def _gamma_poisson(n=6, seed=0):
 
 
 def _amortized_elbo(model, x, y=None, k=1000):
-    elbo, _ = importance_estimates(model.model, model.guide, x, y, k=k)
+    elbo, _ = streaming_estimates(model.model, model.guide, x, y, k=k)
     return elbo
 
 

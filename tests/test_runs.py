@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from ppl_genmodels import ConfigError, TraceError, fit, load_run
-from ppl_genmodels.checkpoint import load_checkpoint
 from ppl_genmodels.models import CVAE, REGISTRY, VAE
-from ppl_genmodels.runs import RunConfig, build_model, resolve_model_class
+from ppl_genmodels.config import RunConfig, build_model, resolve_model_class
+from ppl_genmodels.runs import load_checkpoint
 
 TINY = dict(hidden=[32], z_dim=2, eval_k=10, progress=False, plots=False)
 
@@ -281,8 +281,9 @@ def test_build_model_passes_accepted_arguments():
 
     model = build_model(config, Data())
     assert isinstance(model, VAE)
-    assert model.config["x_dim"] == 5 and model.config["z_dim"] == 3 and model.config["hidden"] == [8, 4]
-    assert model.config["likelihood"] == "gaussian"  # model_args override the offered value
+    assert (model.x_dim, model.z_dim) == (5, 3)
+    assert [layer.out_features for layer in model.encoder if isinstance(layer, torch.nn.Linear)] == [8, 4, 6]
+    assert model.head.likelihood == "gaussian"  # model_args override the offered value
 
 
 def test_resolve_model_class():

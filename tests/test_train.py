@@ -16,9 +16,8 @@ import torch
 
 from ppl_genmodels import ConfigError, RunConfig, TrainingDiverged, fit
 from ppl_genmodels import train as train_module
-from ppl_genmodels.checkpoint import load_checkpoint
 from ppl_genmodels.models import VAE
-from ppl_genmodels.runs import read_config
+from ppl_genmodels.runs import load_checkpoint, read_config
 
 TINY = dict(hidden=[32], z_dim=2, eval_k=10, progress=False, plots=False)
 
@@ -60,7 +59,7 @@ def test_config_json_round_trips(digits_run):
     assert config == digits_run.config
     assert RunConfig.from_dict(json.loads((digits_run.path / "config.json").read_text())) == digits_run.config
     assert (config.model, config.data, config.epochs, config.hidden, config.z_dim) == ("vae", "digits", 3, [32], 2)
-    assert (config.max_examples, config.batch_size, config.eval_k, config.device) == (96, 32, 10, "cpu")
+    assert (config.data_options.max_examples, config.batch_size, config.eval_k, config.device) == (96, 32, 10, "cpu")
 
 
 def test_metrics_csv(digits_run):

@@ -1,4 +1,5 @@
-"""Tests for ppl_genmodels.checkpoint: atomic writes, safe (weights-only) loads and RNG state."""
+"""The files of a run directory: atomic writes (ppl_genmodels.runs), safe weights-only loads, and the RNG state
+that makes a resumed run continue exactly (ppl_genmodels.train)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from ppl_genmodels.checkpoint import (
-    CheckpointError,
-    atomic_write_text,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from ppl_genmodels.runs import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from ppl_genmodels.train import rng_state, set_rng_state
 
 
 class Payload:
@@ -143,7 +138,8 @@ def test_file_without_model_state_is_refused(tmp_path, obj):
 
 def _failing_save(exc):
     def save(obj, f, *args, **kwargs):
-        f.write(b"PARTIAL-WRITE" * 100)  # some bytes reach the file first
+        with open(f, "wb") as fh:
+            fh.write(b"PARTIAL-WRITE" * 100)  # some bytes reach the file first
         raise exc
 
     return save
@@ -186,10 +182,10 @@ def test_failed_rename_leaves_no_temp(tmp_path, monkeypatch):
     assert _leftovers(tmp_path, {"checkpoint.pt"}) == []
 
 
-def test_atomic_write_text(tmp_path):
+def test_atomic_write(tmp_path):
     path = tmp_path / "deeper" / "metrics.csv"
-    atomic_write_text(path, "epoch,x\n1,2\n")
-    atomic_write_text(path, "épоch,x\n1,3\n")  # overwrite, non-ASCII survives as UTF-8
+    atomic_write(path, "epoch,x\n1,2\n")
+    atomic_write(path, "épоch,x\n1,3\n")  # overwrite, non-ASCII survives as UTF-8
     assert path.read_text(encoding="utf-8") == "épоch,x\n1,3\n"
     assert _leftovers(path.parent, {"metrics.csv"}) == []
 

@@ -1,0 +1,231 @@
+"""How good is a run's amortized posterior? Every inference method on the same datapoints, side by side.
+
+:func:`compare_run` takes the first ``n`` datapoints of a split of a trained
+run and, with the decoder fixed, runs
+
+- MCMC over the latents (:mod:`ppl_genmodels.inference.mcmc`: batched HMC, or
+  Pyro's NUTS as the slow reference) for draws from p(z | x);
+- per-datapoint guides in the amortized guide's family
+  (:mod:`ppl_genmodels.inference.local`);
+- the gap decomposition of Cremer, Li & Duvenaud (2018) and the posterior
+  discrepancies of every method from MCMC and, where the model has
+  ``exact_posterior``, from exact draws (:mod:`ppl_genmodels.inference.compare`).
+
+It first computes everything (:class:`Comparison`), then writes it into
+``RUN_DIR/compare/``: ``summary.csv`` (one row per method), ``per_datapoint.csv``,
+``posterior.nc`` (all draws as ArviZ InferenceData) and the figures.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ppl_genmodels import tables
+from ppl_genmodels.inference.compare import (
+    DISCREPANCIES,
+    exact_draws,
+    gap_decomposition,
+    guide_draws,
+    posterior_discrepancy,
+)
+from ppl_genmodels.inference.local import fit_local_guides, sample_local
+from ppl_genmodels.inference.mcmc import MCMC_METHODS, RHAT_THRESHOLD, hmc_posterior, nuts_posterior
+from ppl_genmodels.runs import as_run, atomic_write
+from ppl_genmodels.traces import LogJoint
+
+__all__ = ["Comparison", "compare_run", "compare", "SUMMARY_COLUMNS"]
+
+SUMMARY_COLUMNS = ["method", "quantity", "mean", "stderr", "gap_to_log_px", "amortization_gap",
+                   "vs_mcmc_mean_sd", "vs_mcmc_sd_ratio", "vs_mcmc_energy",
+                   "vs_exact_mean_sd", "vs_exact_sd_ratio", "vs_exact_energy",
+                   "max_rhat", "min_ess_bulk", "min_ess_tail", "divergences", "not_converged", "n", "seconds"]
+
+
+@dataclass
+class Comparison:
+    """Everything :func:`compare_run` computed: the tables, the draws and the datapoints they are for."""
+
+    summary: pd.DataFrame          # one row per method
+    per_datapoint: pd.DataFrame    # one row per datapoint
+    idata: object                  # arviz.InferenceData of every method's draws
+    draws: dict[str, torch.Tensor]  # method -> [draws, batch, latent_dim]: "MCMC", "amortized q(z|x)", ...
+    index: np.ndarray              # [batch] rows of the split's source
+
+
+def _check_arguments(mcmc, guide_draws_, **counts) -> None:
+    if mcmc not in MCMC_METHODS:
+        raise ValueError(f"unknown MCMC method {mcmc!r}; expected one of {', '.join(MCMC_METHODS)}")
+    for name in ("n", "chains", "samples", "logp_k", "elbo_k"):
+        if counts[name] < 1:
+            raise ValueError(f"{name} must be >= 1, got {counts[name]}")
+    for name in ("warmup", "local_steps"):
+        if counts[name] < 0:
+            raise ValueError(f"{name} must be >= 0, got {counts[name]}")
+    if guide_draws_ is not None and guide_draws_ < 2:
+        raise ValueError(f"guide_draws must be >= 2, got {guide_draws_}")
+    if counts["chains"] * counts["samples"] < 2:
+        raise ValueError("need at least 2 MCMC draws per datapoint (chains x samples)")
+
+
+def _discrepancy_columns(draws: dict[str, torch.Tensor], exact, progress: bool) -> dict[str, np.ndarray]:
+    """``<method>_vs_<reference>_<measure>`` for guide/local vs MCMC and, with exact draws, all three vs exact."""
+    pairs = [("guide", "mcmc"), ("local", "mcmc")]
+    if exact is not None:
+        pairs += [("guide", "exact"), ("local", "exact"), ("mcmc", "exact")]
+    named = {**draws, "exact": exact}
+    out = {}
+    for name, ref in tqdm(pairs, desc="discrepancies", disable=not progress, leave=False):
+        for key, value in posterior_discrepancy(named[name], named[ref]).items():
+            out[f"{name}_vs_{ref}_{key}"] = value.double().numpy()
+    return out
+
+
+def _summary(per: pd.DataFrame, seconds: dict[str, float], mcmc_name: str) -> pd.DataFrame:
+    """One row per method: log p(x), the MCMC reference with its diagnostics, the local and amortized ELBOs."""
+    n, source = len(per), per["log_px_source"].iloc[0]
+
+    def discrepancies(row, prefix):
+        for ref in ("mcmc", "exact"):
+            for key in DISCREPANCIES:
+                column = f"{prefix}_vs_{ref}_{key}"
+                if column in per:
+                    row[f"vs_{ref}_{key}"] = float(per[column].mean())
+        return row
+
+    def finite(column):
+        values = per[column].to_numpy(dtype=float)
+        return values[~np.isnan(values)]
+
+    rhat, bulk, tail = finite("rhat"), finite("ess_bulk"), finite("ess_tail")
+    mean, se = tables.mean_and_stderr(per["log_px"])
+    rows = [{"method": "exact" if source == "exact" else source, "quantity": "log p(x)", "mean": mean, "stderr": se,
+             "gap_to_log_px": 0.0, "n": n, "seconds": seconds.get("log_px")},
+            discrepancies({"method": mcmc_name, "quantity": "posterior draws", "n": n, "seconds": seconds.get("mcmc"),
+                           "max_rhat": float(rhat.max()) if len(rhat) else float("nan"),
+                           "min_ess_bulk": float(bulk.min()) if len(bulk) else float("nan"),
+                           "min_ess_tail": float(tail.min()) if len(tail) else float("nan"),
+                           "divergences": int(per["divergences"].sum()),
+                           "not_converged": int((~(per["rhat"] < RHAT_THRESHOLD)).sum())}, "mcmc")]
+    for method, prefix, column in (("local", "local", "elbo_local"), ("amortized", "guide", "elbo_amortized")):
+        mean, se = tables.mean_and_stderr(per[column])
+        row = {"method": method, "quantity": "ELBO", "mean": mean, "stderr": se,
+               "gap_to_log_px": float((per["log_px"] - per[column]).mean()), "n": n, "seconds": seconds.get(method)}
+        if method == "amortized":
+            row["amortization_gap"] = float(per["amortization_gap"].mean())
+        rows.append(discrepancies(row, prefix))
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def _inference_data(draws: dict[str, torch.Tensor], mcmc_chains: torch.Tensor, index: np.ndarray, mcmc: str,
+                    log_px_source: str):
+    """ArviZ InferenceData: ``posterior`` (MCMC) and one group per other method, z [chain, draw, datapoint, latent_dim]."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz as az
+
+    coords = {"datapoint": index, "latent_dim": np.arange(mcmc_chains.shape[-1])}
+    dims = {"z": ["datapoint", "latent_dim"]}
+    idata = az.from_dict(posterior={"z": mcmc_chains.double().numpy()}, coords=coords, dims=dims,
+                         attrs={"mcmc": mcmc, "log_px_source": log_px_source})
+    groups = {name: {"z": value.double().numpy()[None]} for name, value in draws.items() if value is not None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        idata.add_groups(groups, coords=coords, dims=dims)
+    return idata
+
+
+def _compute(run, x, y, index, *, mcmc, chains, samples, warmup, local_steps, logp_k, elbo_k, num_draws,
+             progress) -> Comparison:
+    module = run.model
+    joint = LogJoint(module.model, module.guide, x, y, start="prior")
+    layout = joint.layout
+    seconds: dict[str, float] = {}
+    began = time.perf_counter()
+    sampler = hmc_posterior if mcmc == "hmc" else nuts_posterior
+    result = sampler(module.model, module.guide, x, y, num_chains=chains, num_samples=samples, warmup=warmup,
+                     progress=progress)
+    seconds["mcmc"] = time.perf_counter() - began
+    mcmc_chains = layout.flatten(result.samples, 3).cpu()                  # [chains, draws, B, d]
+    began = time.perf_counter()
+    local = fit_local_guides(module.model, module.guide, x, y, steps=local_steps, progress=progress)
+    seconds["local"] = time.perf_counter() - began
+    draws = {"mcmc": mcmc_chains.reshape((-1,) + mcmc_chains.shape[2:]),  # [chains*draws, B, d]
+             "local": layout.flatten(sample_local(local, num_draws), 2).cpu()}
+    began = time.perf_counter()
+    draws["guide"] = guide_draws(module.model, module.guide, x, y, num_draws, layout, joint.nesting)
+    exact = exact_draws(module, x, y, num_draws, layout)
+    gaps = gap_decomposition(module, x, y, local=local, logp_k=logp_k, elbo_k=elbo_k, progress=progress)
+    seconds["amortized"] = seconds["log_px"] = time.perf_counter() - began
+    per = pd.DataFrame({"index": index, **tables.columns(gaps), **tables.columns(result),
+                        **_discrepancy_columns(draws, exact, progress)})
+    idata = _inference_data({"guide": draws["guide"], "local_guide": draws["local"], "exact": exact}, mcmc_chains,
+                            index, mcmc, gaps.log_px_source)
+    shown = {"MCMC": draws["mcmc"], "amortized q(z|x)": draws["guide"], "local guide": draws["local"]}
+    if exact is not None:
+        shown["exact"] = exact
+    return Comparison(_summary(per, seconds, mcmc), per, idata, shown, index)
+
+
+def _write(run, comparison: Comparison, plots: bool) -> None:
+    from ppl_genmodels import plots as figures  # figures are drawn only when asked for
+
+    run.write_tables("compare", {"summary.csv": comparison.summary, "per_datapoint.csv": comparison.per_datapoint})
+    atomic_write(run.folder("compare") / "posterior.nc", lambda tmp: comparison.idata.to_netcdf(str(tmp)))
+    if plots:
+        figures.plot_comparison(comparison, run.folder("compare"))
+
+
+def compare_run(run, *, n: int = 100, split: str = "test", mcmc: str = "hmc", chains: int = 4, samples: int = 1000,
+                warmup: int = 1000, local_steps: int = 500, logp_k: int = 5000, elbo_k: int = 1000,
+                guide_draws: int | None = None, seed: int | None = None, progress: bool = True, save: bool = True,
+                plots: bool = True):
+    """Compare the amortized guide of a run with MCMC, per-datapoint guides and exact answers.
+
+    Args:
+        run: a :class:`~ppl_genmodels.runs.Run` or a run directory.
+        n, split: the first ``n`` datapoints of ``split``.
+        mcmc: ``"hmc"`` (batched, :func:`~ppl_genmodels.inference.mcmc.hmc_posterior`) or ``"nuts"``
+            (Pyro's NUTS, one datapoint and chain at a time: slow, the reference).
+        chains, samples, warmup: MCMC chains per datapoint, draws per chain, warm-up iterations.
+        local_steps: Adam steps of the per-datapoint guides.
+        logp_k: IWAE particles for log p(x) when the model has no ``exact_log_marginal``.
+        elbo_k: particles of the amortized guide's ELBO.
+        guide_draws: draws from the amortized, local and exact posteriors (default chains x samples).
+        seed: seeds torch before anything random; progress: tqdm bars; save: write files; plots: figures.
+
+    Returns ``(summary, per_datapoint, idata)``. ``per_datapoint`` has ``index`` (row in the split's
+    source), the gap decomposition (see :func:`~ppl_genmodels.inference.compare.gap_decomposition`),
+    the MCMC diagnostics ``rhat, ess_bulk, ess_tail, accept_rate, divergences`` and discrepancy
+    columns ``<a>_vs_<b>_<measure>`` for guide/local vs mcmc and, with ``exact_posterior``,
+    guide/local/mcmc vs exact. ``summary`` has one row per method. ``idata`` holds the MCMC draws
+    as ``posterior`` and the other methods' as groups ``guide``, ``local_guide`` (and ``exact``),
+    each ``z [chain, draw, datapoint, latent_dim]``. Writes ``RUN_DIR/compare/summary.csv``,
+    ``per_datapoint.csv``, ``posterior.nc`` and figures when ``save``.
+    """
+    _check_arguments(mcmc, guide_draws, n=n, chains=chains, samples=samples, logp_k=logp_k, elbo_k=elbo_k,
+                     warmup=warmup, local_steps=local_steps)
+    run = as_run(run)
+    if seed is not None:
+        torch.manual_seed(seed)
+    run.model.eval()
+    part = run.data.split(split)
+    total = min(n, len(part.x))
+    if total < 1:
+        raise ValueError(f"nothing to compare: split {split!r} has no datapoints")
+    comparison = _compute(run, part.x[:total], None if part.y is None else part.y[:total],
+                          part.index[:total].cpu().numpy(), mcmc=mcmc, chains=chains, samples=samples, warmup=warmup,
+                          local_steps=local_steps, logp_k=logp_k, elbo_k=elbo_k,
+                          num_draws=guide_draws or chains * samples, progress=progress)
+    if save:
+        _write(run, comparison, plots)
+    return comparison.summary, comparison.per_datapoint, comparison.idata
+
+
+compare = compare_run

@@ -1,0 +1,300 @@
+"""What defines a training run: its options, and the model and data they name.
+
+:class:`RunConfig` is the one source of truth for the options of ``fit``. Each
+field is declared with :func:`option`, which records its help text, its
+choices (taken from the registries: objectives, optimizers, likelihoods, ...)
+and how to parse it from text; the ``fit`` command line is generated from
+these fields (:mod:`ppl_genmodels.cli`), ``config.json`` is their dictionary,
+and the data options travel as one :class:`~ppl_genmodels.data.DataOptions`
+into :func:`~ppl_genmodels.data.load_dataset`. Adding an option means adding
+a field here (or to ``DataOptions`` for a data option).
+
+``config.json`` is flat: the data options sit beside the others
+(``{"model": ..., "data": ..., "data_dir": ..., "likelihood": ..., "z_dim": ...}``).
+
+A model is named by a registry name (``vae``, ``cvae``, ``ppca``), by
+``path/to/file.py:ClassName`` (a user's own Pyro program), or passed to the
+Python API as a class. Its constructor receives ``x_dim`` and ``z_dim`` and
+whichever of ``y_dim``, ``hidden``, ``likelihood``, ``n_levels``, ``scale``,
+``y_kind`` it names, plus ``model_args``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import inspect
+import json
+import sys
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ppl_genmodels.data import DataOptions, Dataset, load_dataset
+from ppl_genmodels.inference.objectives import OBJECTIVES
+
+__all__ = [
+    "ConfigError",
+    "OPTIMIZERS",
+    "option",
+    "RunConfig",
+    "resolve_device",
+    "resolve_model_class",
+    "model_spec_string",
+    "build_model",
+]
+
+#: optimizers by name (plain ``torch.optim``, on the module's own parameters)
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+              "rmsprop": torch.optim.RMSprop}
+
+
+class ConfigError(ValueError):
+    """A bad option, model name or run directory (one-line message)."""
+
+
+def parse_int_list(text: str) -> list[int]:
+    """``"256,128"`` -> ``[256, 128]``."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one layer size")
+    return values
+
+
+def parse_key_value(text: str) -> tuple[str, object]:
+    """``"df=3.5"`` -> ``("df", 3.5)``: the value is parsed as JSON where it can be, else kept as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def parse_optional_int(text: str) -> int | None:
+    """An integer, or None for ``none`` / ``off``."""
+    return None if text.lower() in ("none", "off") else int(text)
+
+
+def option(default=MISSING, help: str = "", *, factory=None, choices=None, parse=None, flag: str | None = None,
+           metavar: str | None = None, repeat: bool = False, resumable: bool = False):
+    """A :class:`RunConfig` field with what the command line needs to offer it.
+
+    ``help``: one line, without the default (the command line appends it);
+    ``choices``: the allowed values (a registry's keys); ``parse``: text -> value
+    (default: the field's type); ``flag``: the option's spelling (default
+    ``--field-name``); ``repeat``: the flag may be given several times, each
+    giving one ``(key, value)`` pair of a dict; ``resumable``: ``fit --resume``
+    may change it. :class:`~ppl_genmodels.data.DataOptions` uses the same
+    metadata keys (help, choices).
+    """
+    metadata = {"help": help, "choices": None if choices is None else tuple(choices), "parse": parse, "flag": flag,
+                "metavar": metavar, "repeat": repeat, "resumable": resumable}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run; saved as ``config.json``."""
+
+    model: str = option("vae", "vae, cvae, ppca, or path/to/file.py:ClassName")
+    data: str = option("digits", "digits, mnist, circle, moons, swiss-roll, or a .npy/.npz/.csv file")
+    data_options: DataOptions = option(factory=DataOptions)  # each of its fields is an option of its own
+    z_dim: int | None = option(None, "latent dimension (default 2 for data of <= 3 dimensions, else 16)")
+    hidden: list[int] | None = option(None, "hidden layer sizes, e.g. 400 or 256,256 "
+                                            "(default 64,64 for data of <= 3 dimensions, else 256)",
+                                      parse=parse_int_list)
+    scale: float | None = option(None, "fixed Gaussian observation scale (default: learned)")
+    model_args: dict = option(factory=dict, help="extra constructor argument for the model (JSON value), repeatable",
+                              parse=parse_key_value, flag="--model-arg", metavar="KEY=VALUE", repeat=True)
+    elbo: str = option("trace", "training objective", choices=OBJECTIVES)
+    particles: int = option(1, "particles per datapoint for the objective (K of IWAE-K)")
+    optimizer: str = option("adam", "optimizer", choices=OPTIMIZERS)
+    lr: float = option(1e-3, "learning rate")
+    batch_size: int = option(128, "datapoints per minibatch")
+    epochs: int = option(50, "training epochs", resumable=True)
+    patience: int | None = option(10, "early-stopping patience in epochs (epochs without a better validation "
+                                      "ELBO); 0 or none disables", parse=parse_optional_int, resumable=True)
+    seed: int = option(0, "random seed: data split, initial weights, minibatches")
+    device: str = option("auto", "auto (CUDA when available), cpu, cuda, cuda:N", resumable=True)
+    eval_k: int = option(100, "particles of the IWAE-k test estimate after training")
+
+    @staticmethod
+    def names() -> list[str]:
+        """Every option name, the data options included, in ``config.json``'s order."""
+        names = []
+        for f in dataclasses.fields(RunConfig):
+            names += [d.name for d in dataclasses.fields(DataOptions)] if f.name == "data_options" else [f.name]
+        return names
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        """From flat options (``config.json``, or keywords of ``fit``); unknown names are refused."""
+        known = cls.names()
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        data_names = {f.name for f in dataclasses.fields(DataOptions)}
+        data_options = DataOptions(**{k: v for k, v in values.items() if k in data_names})
+        return cls(data_options=data_options, **{k: v for k, v in values.items() if k not in data_names})
+
+    def to_dict(self) -> dict:
+        """Flat options, as written to ``config.json``."""
+        out = {}
+        for name, value in dataclasses.asdict(self).items():  # copies: lists and dicts are not shared
+            out.update(value if name == "data_options" else {name: value})
+        return out
+
+    def load_data(self) -> Dataset:
+        """The dataset this configuration names, split with its seed."""
+        return load_dataset(self.data, self.data_options, seed=self.seed)
+
+    def validate(self) -> "RunConfig":
+        """Check the training options (the data options are checked by :meth:`load_data`)."""
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.particles >= 1, f"particles must be >= 1, got {self.particles}"),
+            (self.eval_k >= 1, f"eval_k must be >= 1, got {self.eval_k}"),
+            (self.elbo in OBJECTIVES, f"unknown objective {self.elbo!r}; choose one of {', '.join(OBJECTIVES)}"),
+            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"),
+            (self.z_dim is None or self.z_dim >= 1, f"z_dim must be >= 1, got {self.z_dim}"),
+            (self.hidden is None or all(h >= 1 for h in self.hidden), f"hidden sizes must be >= 1, got {self.hidden}"),
+            (self.scale is None or self.scale > 0, f"scale must be > 0, got {self.scale}"),
+            (self.patience is None or self.patience >= 0, f"patience must be >= 0, got {self.patience}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        resolve_device(self.device)
+        return self
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else is checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def _load_class_from_file(spec: str):
+    path_text, _, class_name = spec.rpartition(":")
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model file {path_text} does not exist (from --model {spec})")
+    # keyed by path and modification time: an edited file is imported afresh
+    module_name = f"ppl_genmodels_user_{abs(hash((str(path.resolve()), path.stat().st_mtime_ns)))}"
+    if module_name in sys.modules:
+        module = sys.modules[module_name]
+    else:
+        loader_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[module_name] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as err:
+            del sys.modules[module_name]
+            raise ConfigError(f"model file {path} failed to import: {type(err).__name__}: {err}") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ConfigError(f"model file {path} defines no class {class_name!r}")
+    return cls
+
+
+def resolve_model_class(spec):
+    """A model class from a registry name, ``file.py:ClassName``, or a class itself."""
+    from ppl_genmodels.models import REGISTRY
+
+    if inspect.isclass(spec):
+        cls = spec
+    elif isinstance(spec, str) and spec in REGISTRY:
+        cls = REGISTRY[spec]
+    elif isinstance(spec, str) and ":" in spec and spec.rpartition(":")[0].endswith(".py"):
+        cls = _load_class_from_file(spec)
+    else:
+        raise ConfigError(
+            f"unknown model {spec!r}; choose one of {', '.join(REGISTRY)} or give path/to/file.py:ClassName"
+        )
+    for method in ("model", "guide"):
+        if not callable(getattr(cls, method, None)):
+            raise ConfigError(f"model class {cls.__name__} has no {method}(x, y=None) method")
+    return cls
+
+
+def model_spec_string(spec) -> str:
+    """The string stored in config.json for a model given by name, file spec or class.
+
+    Model files are stored with absolute paths, so the run loads from any working directory.
+    """
+    if not inspect.isclass(spec):
+        text = str(spec)
+        path, sep, name = text.rpartition(":")
+        if sep and path.endswith(".py") and Path(path).is_file():
+            return f"{Path(path).resolve()}:{name}"
+        return text
+    from ppl_genmodels.models import REGISTRY
+
+    for name, cls in REGISTRY.items():
+        if cls is spec:
+            return name
+    try:
+        path = inspect.getfile(spec)
+    except TypeError:  # module not registered in sys.modules: fall back on a method's code object
+        code = getattr(getattr(spec, "model", None), "__code__", None)
+        if code is None or not Path(code.co_filename).is_file():
+            raise ConfigError(f"cannot locate the source file of model class {spec.__name__}") from None
+        path = code.co_filename
+    return f"{Path(path).resolve()}:{spec.__qualname__}"
+
+
+def _offered(config: RunConfig, dataset: Dataset) -> dict:
+    """Constructor arguments the toolkit can supply, by name; a class receives those it names."""
+    low_dim = dataset.x_dim <= 3
+    hidden = config.hidden if config.hidden is not None else ([64, 64] if low_dim else [256])
+    return {
+        "x_dim": dataset.x_dim,
+        "z_dim": config.z_dim if config.z_dim is not None else (2 if low_dim else 16),
+        "y_dim": dataset.y_dim,
+        "likelihood": dataset.likelihood,
+        "n_levels": dataset.n_levels,
+        "scale": config.scale,
+        "y_kind": {"label": "onehot", "quadrants": "binary"}.get(dataset.condition),
+        "hidden": tuple(hidden),
+    }
+
+
+def build_model(config: RunConfig, dataset: Dataset, model_class=None):
+    """Instantiate the configured model for ``dataset`` (constructor arguments by signature)."""
+    cls = resolve_model_class(model_class if model_class is not None else config.model)
+    params = inspect.signature(cls.__init__).parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for required in ("x_dim", "z_dim"):
+        if required not in params and not takes_kwargs:
+            raise ConfigError(f"model class {cls.__name__} must accept the constructor argument {required}")
+    if dataset.y_dim and "y_dim" not in params and not takes_kwargs:
+        raise ConfigError(f"data is conditioned ({dataset.condition}) but model {cls.__name__} takes no y_dim")
+    kwargs = {k: v for k, v in _offered(config, dataset).items()
+              if k in params or (takes_kwargs and k in ("x_dim", "z_dim"))}
+    for key, value in config.model_args.items():
+        if key not in params and not takes_kwargs:
+            raise ConfigError(f"model {cls.__name__} has no constructor argument {key!r} (from --model-arg)")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"cannot build model {cls.__name__}: {err}") from None
