@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from ppl_genmodels.inference import hmc
 from ppl_genmodels.inference.adaptation import TARGET_ACCEPT, adapt_step_size
 from ppl_genmodels.inference.importance import iwae_estimate
-from ppl_genmodels.traces import DATA_PLATE, LogJoint, TraceError, observed_site
+from ppl_genmodels.traces import DATA_PLATE, LogJoint, TraceError, observed_site, seeded_from
 
 __all__ = ["AISResult", "AnnealedPoint", "SCHEDULES", "sigmoid_schedule", "linear_schedule", "ais", "simulate",
            "bdmc"]
@@ -179,11 +179,14 @@ def ais(
     ``start`` is the initial distribution r: ``"prior"`` or ``"guide"``. ``reverse=True``
     anneals from the posterior back to r starting at ``latents`` (``{site: value [batch, ...]}``,
     an exact posterior sample, e.g. from :func:`simulate`), and returns the stochastic
-    upper bound. ``generator`` drives the initial draws and every HMC transition.
+    upper bound. ``generator``, when given, drives every random draw (tracing the pair, the
+    initial draws, every HMC transition): the result depends on it alone, and torch's
+    global generator is left as it was.
     """
     _check(num_chains, num_leapfrog, schedule, reverse, latents)
     began = time.perf_counter()
-    joint = LogJoint(model, guide, x, y, start=start)
+    with seeded_from(generator):  # Pyro's own draws (tracing the pair) from the generator too
+        joint = LogJoint(model, guide, x, y, start=start)
     batch = x.shape[0]
     betas = SCHEDULES[schedule](num_steps).tolist()
     if reverse:

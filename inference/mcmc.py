@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 import pyro
 import torch
+from pyro.infer import MCMC, NUTS
 from tqdm.auto import tqdm
 
 from ppl_genmodels.inference import hmc
@@ -43,7 +44,7 @@ from ppl_genmodels.inference.adaptation import (
     window_adaptation_init,
     window_adaptation_update,
 )
-from ppl_genmodels.traces import LogJoint
+from ppl_genmodels.traces import LogJoint, seeded_from
 
 __all__ = ["MCMCResult", "MCMC_METHODS", "RHAT_THRESHOLD", "hmc_posterior", "nuts_posterior", "diagnostics"]
 
@@ -161,14 +162,16 @@ def hmc_posterior(
 ) -> MCMCResult:
     """Batched HMC draws from p(z | x_b, y_b) for every datapoint b of ``x``, decoder fixed.
 
-    Chains start from draws of ``start`` (``"guide"`` or ``"prior"``); ``generator``, when
-    given, drives those draws and every transition.
+    Chains start from draws of ``start`` (``"guide"`` or ``"prior"``). ``generator``, when
+    given, drives every random draw (the starting draws, the leapfrog counts, every
+    transition): the draws depend on it alone, and torch's global generator is left as it was.
     """
     if num_chains < 1 or num_samples < 1 or warmup < 0 or num_leapfrog < 1:
         raise ValueError("num_chains, num_samples and num_leapfrog must be >= 1 and warmup >= 0")
     began = time.perf_counter()
-    joint = LogJoint(model, guide, x, y, start="prior")
-    u = _start_positions(model, guide, x, y, joint, num_chains, start, generator)
+    with seeded_from(generator):  # Pyro's own draws (tracing the pair) from the generator too
+        joint = LogJoint(model, guide, x, y, start="prior")
+        u = _start_positions(model, guide, x, y, joint, num_chains, start, generator)
     draws, accept = [], x.new_zeros(num_chains, x.shape[0])
     divergent = torch.zeros(num_chains, x.shape[0], dtype=torch.long)
     with pyro.validation_enabled(False), tqdm(total=warmup + num_samples, desc="HMC", unit="it",
@@ -193,8 +196,6 @@ def hmc_posterior(
 
 def _nuts_chain(joint: LogJoint, start: torch.Tensor, num_samples: int, warmup: int, target_accept: float):
     """One chain of Pyro's NUTS on one datapoint: ``(draws [draws, dim], divergences, acceptance rate)``."""
-    from pyro.infer import MCMC, NUTS
-
     def potential(params):
         return -joint.log_target(params["u"].reshape(1, 1, -1)).sum()
 

@@ -16,10 +16,16 @@ import dataclasses
 import sys
 import typing
 
-from ppl_genmodels.config import RunConfig
-from ppl_genmodels.data import SPLIT_NAMES, DataOptions
+from ppl_genmodels.comparison import compare_run
+from ppl_genmodels.config import ConfigError, RunConfig
+from ppl_genmodels.data import DATASETS, SPLIT_NAMES, DataError, DataOptions
+from ppl_genmodels.evaluation import bdmc_run, evaluate_run, parse_estimators
 from ppl_genmodels.inference.mcmc import MCMC_METHODS
-from ppl_genmodels.traces import PROPOSALS, STARTS
+from ppl_genmodels.models import DESCRIPTIONS
+from ppl_genmodels.plots import sample_run
+from ppl_genmodels.runs import CheckpointError, load_run
+from ppl_genmodels.traces import PROPOSALS, STARTS, TraceError
+from ppl_genmodels.train import TrainingDiverged, fit
 
 __all__ = ["main", "build_parser"]
 
@@ -134,8 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fit(args) -> int:
-    from ppl_genmodels.train import fit
-
     options = {name: getattr(args, name) for name in RunConfig.names() if hasattr(args, name)}
     if "model_args" in options:
         options["model_args"] = dict(options["model_args"])  # KEY=VALUE pairs, the last one of a key wins
@@ -152,9 +156,6 @@ def _fit(args) -> int:
 
 
 def _sample(args) -> int:
-    from ppl_genmodels.plots import sample_run
-    from ppl_genmodels.runs import load_run
-
     path = sample_run(load_run(args.run, device=args.device), args.n, args.out, label=args.label, seed=args.seed)
     print(f"wrote {path}")
     return 0
@@ -166,9 +167,6 @@ def _print_summary(summary, what: str) -> None:
 
 
 def _evaluate(args) -> int:
-    from ppl_genmodels.evaluation import evaluate_run, parse_estimators
-    from ppl_genmodels.runs import load_run
-
     if args.estimators is not None and args.k is not None:
         raise ValueError("give --estimators or --k, not both")
     if args.k is not None and args.k < 1:
@@ -195,9 +193,6 @@ def _check_at_least(args, minimum: int, *names: str) -> None:
 
 
 def _bdmc(args) -> int:
-    from ppl_genmodels.evaluation import bdmc_run
-    from ppl_genmodels.runs import load_run
-
     _check_at_least(args, 1, "n", "steps", "chains", "batch_size")
     run = load_run(args.run, device=args.device)
     summary, _ = bdmc_run(run, n=args.n, num_steps=args.steps, chains=args.chains, batch_size=args.batch_size,
@@ -210,9 +205,6 @@ def _bdmc(args) -> int:
 
 
 def _compare(args) -> int:
-    from ppl_genmodels.comparison import compare_run
-    from ppl_genmodels.runs import load_run
-
     _check_at_least(args, 1, "n", "chains", "samples", "logp_k")
     _check_at_least(args, 0, "warmup", "local_steps")
     run = load_run(args.run, device=args.device)
@@ -241,14 +233,10 @@ def _list(table: dict, header: str) -> int:
 
 
 def _models(args) -> int:
-    from ppl_genmodels.models import DESCRIPTIONS
-
     return _list(DESCRIPTIONS, "model")
 
 
 def _datasets(args) -> int:
-    from ppl_genmodels.data import DATASETS
-
     return _list(DATASETS, "dataset")
 
 
@@ -258,12 +246,6 @@ COMMANDS = {"fit": _fit, "sample": _sample, "evaluate": _evaluate, "bdmc": _bdmc
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from ppl_genmodels.config import ConfigError
-    from ppl_genmodels.data import DataError
-    from ppl_genmodels.runs import CheckpointError
-    from ppl_genmodels.traces import TraceError
-    from ppl_genmodels.train import TrainingDiverged
-
     try:
         return COMMANDS[args.command](args)
     except TrainingDiverged as err:

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ppl_genmodels import plots as figures
 from ppl_genmodels import tables
 from ppl_genmodels.inference.compare import (
     DISCREPANCIES,
@@ -174,8 +175,6 @@ def _compute(run, x, y, index, *, mcmc, chains, samples, warmup, local_steps, lo
 
 
 def _write(run, comparison: Comparison, plots: bool) -> None:
-    from ppl_genmodels import plots as figures  # figures are drawn only when asked for
-
     run.write_tables("compare", {"summary.csv": comparison.summary, "per_datapoint.csv": comparison.per_datapoint})
     atomic_write(run.folder("compare") / "posterior.nc", lambda tmp: comparison.idata.to_netcdf(str(tmp)))
     if plots:

@@ -34,6 +34,7 @@ import torch
 
 from ppl_genmodels.data import DataOptions, Dataset, load_dataset
 from ppl_genmodels.inference.objectives import OBJECTIVES
+from ppl_genmodels.models import REGISTRY
 
 __all__ = [
     "ConfigError",
@@ -218,8 +219,6 @@ def _load_class_from_file(spec: str):
 
 def resolve_model_class(spec):
     """A model class from a registry name, ``file.py:ClassName``, or a class itself."""
-    from ppl_genmodels.models import REGISTRY
-
     if inspect.isclass(spec):
         cls = spec
     elif isinstance(spec, str) and spec in REGISTRY:
@@ -247,8 +246,6 @@ def model_spec_string(spec) -> str:
         if sep and path.endswith(".py") and Path(path).is_file():
             return f"{Path(path).resolve()}:{name}"
         return text
-    from ppl_genmodels.models import REGISTRY
-
     for name, cls in REGISTRY.items():
         if cls is spec:
             return name

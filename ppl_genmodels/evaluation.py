@@ -1,4 +1,4 @@
-"""Evaluating a trained run: per-datapoint log-likelihood estimates, samples and figures.
+"""Evaluating a trained run: per-datapoint estimates of log p(x) with error bars, and BDMC bounds.
 
 ``evaluate_run`` estimates log p(x) (or log p(x | y) for a conditional model)
 for every datapoint of a split with a list of estimators, each with its

@@ -36,7 +36,9 @@ from tqdm.auto import tqdm
 
 from ppl_genmodels import runs
 from ppl_genmodels.config import OPTIMIZERS, ConfigError, RunConfig, build_model, model_spec_string, resolve_device
+from ppl_genmodels.evaluation import evaluate_run
 from ppl_genmodels.inference.objectives import make_objective
+from ppl_genmodels.plots import plot_run
 from ppl_genmodels.runs import Run, load_checkpoint, save_checkpoint, write_csv
 from ppl_genmodels.traces import TraceError, log_weights, max_plate_nesting
 
@@ -316,11 +318,7 @@ def fit(
     result = Run(out, config, run.net, run.dataset, pd.DataFrame(run.history, columns=METRIC_COLUMNS),
                  int(best["epoch"]), run.device)
     if evaluate:
-        from ppl_genmodels.evaluation import evaluate_run
-
         evaluate_run(result, k=config.eval_k, progress=progress)
     if plots:
-        from ppl_genmodels.plots import plot_run
-
         plot_run(result)
     return result
