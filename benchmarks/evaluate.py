@@ -11,10 +11,9 @@ Without ``../shared/data/mnist`` the script trains and evaluates on random
 binary data of the same shape and says so.
 
 1. *IWAE-k throughput.* IWAE-k (k = 5000 by default) for each of ``--n`` test
-   images, computed with the toolkit's chunked path: the streaming estimator
-   ``inference.importance.streaming_estimates`` when the installed toolkit has
-   it, otherwise ``traces.log_weights`` chunk by chunk with a running
-   logsumexp (the output says which). A *chunk* is the number of decoder rows
+   images, computed with the toolkit's streaming estimator
+   ``inference.importance.streaming_estimates`` (the particles in chunks, a
+   running logsumexp across them). A *chunk* is the number of decoder rows
    per pass, particles per pass x datapoints per call (``--batch``); the
    particle chunk is what bounds memory. For each chunk in ``--chunk`` the whole
    evaluation is timed ``--repeats`` times (the chunk sizes taking turns) and
@@ -52,9 +51,10 @@ binary data of the same shape and says so.
 
 3. *AIS.* ``inference.ais.ais`` (HMC transitions, 10 leapfrog steps, sigmoid
    schedule) with ``--ais-steps`` steps and ``--ais-chains`` chains on the
-   first ``--ais-n`` images in one batched call: seconds per datapoint, mean
-   HMC acceptance, and the AIS estimate next to IWAE-k on the same images (a
-   decent schedule puts AIS at or above IWAE on average).
+   first ``--ais-n`` images in one batched call, starting from ``--ais-init``
+   (its ``start``): seconds per datapoint, mean HMC acceptance, and the AIS
+   estimate next to IWAE-k on the same images (a decent schedule puts AIS at
+   or above IWAE on average).
 
 What limits the matmul fraction
 -------------------------------
@@ -121,7 +121,6 @@ summarise (a) samples/s and matmul fraction, (b) peak memory by k,
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -138,21 +137,12 @@ import pyro
 import torch
 from torch import nn
 
-from ppl_genmodels import traces
+from ppl_genmodels.inference.importance import streaming_estimates
 
 SEED = 0
 X_DIM = 784
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 MIB = 1024.0 * 1024.0
-
-try:  # the streaming estimator, where this version of the toolkit has it
-    from ppl_genmodels.inference.importance import streaming_estimates as _streaming
-
-    _params = inspect.signature(_streaming).parameters
-    if not {"k", "chunk_size"} <= set(_params):
-        _streaming = None
-except Exception:  # absent, or the module does not import
-    _streaming = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,30 +317,11 @@ def prepare(args, device: torch.device, workdir: Path, z_dim: int = 50):
 # ---------------------------------------------------------------------------------------------
 
 
-def _pick_iwae(result) -> torch.Tensor:
-    """The IWAE values from whatever ``streaming_estimates`` returns."""
-    if hasattr(result, "iwae"):
-        return result.iwae
-    for item in result if isinstance(result, (tuple, list)) else (result,):
-        if str(getattr(item, "estimator", "")).startswith("iwae"):
-            return item.value
-    raise TypeError(f"cannot find the IWAE estimate in {type(result).__name__}")
-
-
 @torch.no_grad()
 def iwae_batch(model, x: torch.Tensor, k: int, particles: int) -> torch.Tensor:
     """IWAE-k [batch] for one batch of data, ``particles`` particles per pass."""
-    if _streaming is not None:
-        return _pick_iwae(_streaming(model.model, model.guide, x, None, k=k, chunk_size=particles))
-    nesting = traces.max_plate_nesting(model.model, model.guide, x, None)
-    total, done = None, 0
-    while done < k:
-        size = min(particles, k - done)
-        log_w = traces.log_weights(model.model, model.guide, x, None, num_particles=size, nesting=nesting)
-        part = torch.logsumexp(log_w, 0)
-        total = part if total is None else torch.logaddexp(total, part)
-        done += size
-    return total - math.log(k)
+    _, iwae = streaming_estimates(model.model, model.guide, x, None, k=k, chunk_size=particles)
+    return iwae.value
 
 
 def iwae_all(model, x: torch.Tensor, k: int, rows: int, batch: int) -> tuple[torch.Tensor, int, int]:
@@ -456,7 +427,8 @@ def main(argv=None) -> None:
     parser.add_argument("--ais-chains", type=int, default=16)
     parser.add_argument("--ais-n", type=int, default=10, help="images for AIS, batched in one call (default 10)")
     parser.add_argument("--ais-init", choices=("prior", "guide"), default="prior",
-                        help="AIS initial distribution (default prior, as in Wu et al. 2017)")
+                        help="AIS initial distribution, the start of inference.ais.ais "
+                             "(default prior, as in Wu et al. 2017)")
     parser.add_argument("--skip-ais", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -480,9 +452,7 @@ def main(argv=None) -> None:
     print(f"threads: {torch.get_num_threads()}")
     print(f"cpu count: {os.cpu_count()}")
     print(f"load average at start (1, 5, 15 min): {load_average()}")
-    path = "inference.importance.streaming_estimates" if _streaming is not None else \
-        "traces.log_weights per chunk + running logsumexp (no streaming estimator found)"
-    print(f"IWAE path: {path}")
+    print("IWAE path: inference.importance.streaming_estimates")
 
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
         workdir = Path(tmp)
@@ -606,7 +576,7 @@ def main(argv=None) -> None:
             sync(device)
             t0 = time.perf_counter()
             result = ais(model.model, model.guide, xa, num_steps=args.ais_steps, num_chains=args.ais_chains,
-                         init=args.ais_init)
+                         start=args.ais_init)
             sync(device)
             seconds = time.perf_counter() - t0
             log_z = result.log_z.cpu()
@@ -618,13 +588,13 @@ def main(argv=None) -> None:
             print(f"AIS seconds total: {seconds:.2f}")
             print(f"AIS seconds per datapoint: {seconds / m:.3f}")
             print(f"AIS ms per annealing step (all chains and datapoints): {1e3 * seconds / args.ais_steps:.2f}")
-            print(f"AIS mean acceptance: {result.acceptance.mean():.3f}")
+            print(f"AIS mean acceptance: {result.accept_rate.mean():.3f}")
             print(f"AIS mean log p(x) (nats): {log_z.mean():.3f}")
             print(f"IWAE-{args.k} mean log p(x) on the same points (nats): {iw.mean():.3f}")
             print(f"AIS - IWAE-{args.k} mean (nats): {diff.mean():+.3f}")
             print(f"AIS >= IWAE-{args.k} on: {int((diff >= 0).sum())} of {m} points")
             ais_line = (f"{seconds / m:.3f} s/datapoint ({args.ais_steps} steps x {args.ais_chains} chains, "
-                        f"{m} datapoints batched; acceptance {result.acceptance.mean():.2f}; "
+                        f"{m} datapoints batched; acceptance {result.accept_rate.mean():.2f}; "
                         f"AIS - IWAE {diff.mean():+.2f} nats)")
 
         print(f"load average at end (1, 5, 15 min): {load_average()}")

@@ -84,7 +84,7 @@ from evaluate import (  # noqa: E402  (shared helpers of the evaluation benchmar
 )
 
 from ppl_genmodels.inference.mcmc import MCMCResult, diagnostics, hmc_posterior, nuts_posterior  # noqa: E402
-from ppl_genmodels.traces import LogJoint  # noqa: E402
+from ppl_genmodels.traces import LatentLayout, LogJoint  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ from ppl_genmodels.traces import LogJoint  # noqa: E402
 
 def gradient_seconds(model, x: torch.Tensor, chains: int, device: torch.device, repeats: int = 20) -> float:
     """Median seconds of one log-density-and-gradient evaluation of ``LogJoint`` at [chains, len(x), dim]."""
-    joint = LogJoint(model.model, model.guide, x, None, init="prior")
+    joint = LogJoint(model.model, model.guide, x, None, start="prior")
     u = torch.randn(chains, x.shape[0], joint.dim, dtype=x.dtype, device=device)
     times = []
     with pyro.validation_enabled(False):
@@ -115,11 +115,12 @@ def gradient_seconds(model, x: torch.Tensor, chains: int, device: torch.device, 
     return float(np.median(times))
 
 
-def per_dim_moments(result: MCMCResult, points: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def per_dim_moments(result: MCMCResult, layout: LatentLayout, points: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Posterior mean, variance and bulk ESS per (datapoint, dimension) of the first ``points`` datapoints."""
     from ppl_genmodels.inference.mcmc import _arviz
 
-    draws = result.flat()[:, :, :points].detach().cpu().double().numpy()  # [chains, draws, points, dim]
+    draws = layout.flatten(result.samples, 3)[:, :, :points].cpu().double().numpy()  # [chains, draws, points, dim]
     flat = draws.reshape(-1, *draws.shape[2:])
     az = _arviz()
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
@@ -128,10 +129,10 @@ def per_dim_moments(result: MCMCResult, points: int) -> tuple[np.ndarray, np.nda
     return flat.mean(0), flat.var(0, ddof=1), ess
 
 
-def diagnostics_seconds(result: MCMCResult) -> float:
+def diagnostics_seconds(result: MCMCResult, layout: LatentLayout) -> float:
     """Seconds of the ArviZ diagnostics (R-hat, bulk and tail ESS) on ``result``'s draws, recomputed here."""
     t0 = time.perf_counter()
-    diagnostics(result.flat())
+    diagnostics(layout.flatten(result.samples, 3))
     return time.perf_counter() - t0
 
 
@@ -211,7 +212,8 @@ def main(argv=None) -> None:
         print(line)
     n = len(x)
     nuts_n = min(args.nuts_n, n)
-    dim = LogJoint(model.model, model.guide, x[:1], None, init="prior").dim
+    layout = LogJoint(model.model, model.guide, x[:1], None, start="prior").layout  # the flat view of the draws
+    dim = layout.dim
     print(f"latent dimensions per datapoint: {dim}")
     print(f"chains x (warm-up + draws) per datapoint, both methods: {args.chains} x ({args.warmup} + {args.samples})")
     print(f"HMC: {n} datapoints in one batched call, {args.leapfrog} leapfrog steps on average")
@@ -225,7 +227,7 @@ def main(argv=None) -> None:
           f"({g_batched / n * 1e3:.3f} ms per datapoint)")
     print(f"gradient seconds, one chain of one datapoint: {g_single * 1e3:.2f} ms")
 
-    common = dict(num_chains=args.chains, num_samples=args.samples, warmup=args.warmup, init="guide", warn=False)
+    common = dict(num_chains=args.chains, num_samples=args.samples, warmup=args.warmup, start="guide", warn=False)
 
     # warm-up of thread pools and Pyro's first-call work, untimed
     pyro.set_rng_seed(SEED)
@@ -252,8 +254,8 @@ def main(argv=None) -> None:
           f"(~{grads / transitions:.1f} bare-gradient times per transition)")
 
     # ---- agreement on the shared datapoints ------------------------------------------------- #
-    mean_h, var_h, ess_h = per_dim_moments(hmc, nuts_n)
-    mean_n, var_n, ess_n = per_dim_moments(nuts, nuts_n)
+    mean_h, var_h, ess_h = per_dim_moments(hmc, layout, nuts_n)
+    mean_n, var_n, ess_n = per_dim_moments(nuts, layout, nuts_n)
     sd = np.sqrt(0.5 * (var_h + var_n))
     diff = np.abs(mean_h - mean_n)
     mcse = np.sqrt(var_h / ess_h + var_n / ess_n)
@@ -272,7 +274,7 @@ def main(argv=None) -> None:
     print(f"per datapoint, NUTS: {nuts_ess:.1f} ESS in {nuts_sec:.3f} s = {nuts_rate:.2f} ESS/s "
           f"(extrapolated from {nuts_n} datapoints)")
     # the same figures without the ArviZ diagnostics, which both functions include in their wall time
-    hmc_diag, nuts_diag = diagnostics_seconds(hmc), diagnostics_seconds(nuts)
+    hmc_diag, nuts_diag = diagnostics_seconds(hmc, layout), diagnostics_seconds(nuts, layout)
     hmc_bare, nuts_bare = (hmc.seconds - hmc_diag) / n, (nuts.seconds - nuts_diag) / nuts_n
     print(f"diagnostics seconds (ArviZ, recomputed), HMC: {hmc_diag:.2f} ({hmc_diag / n * 1e3:.1f} ms per datapoint); "
           f"NUTS: {nuts_diag:.2f} ({nuts_diag / nuts_n * 1e3:.1f} ms per datapoint)")
