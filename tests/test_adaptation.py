@@ -44,3 +44,43 @@ def test_warmup_windows_follow_stans_layout():
     ends = adaptation.warmup_windows(1000)
     assert ends[0] == 150 + 25 and ends[-1] == 900
     assert all(b > a for a, b in zip(ends, ends[1:]))
+
+
+def test_the_warmup_schedule_follows_the_windows():
+    schedule = adaptation.warmup_schedule(1000)
+    ends = adaptation.warmup_windows(1000)
+    assert len(schedule) == 1000
+    assert [i + 1 for i, stage in enumerate(schedule) if stage.window_end] == ends
+    collecting = [i + 1 for i, stage in enumerate(schedule) if stage.collect_mass]
+    assert collecting[0] == 151 and collecting[-1] == ends[-1]  # after the 15% buffer, up to the last window
+    assert not any(stage.collect_mass or stage.window_end for stage in adaptation.warmup_schedule(10))
+
+
+def test_window_adaptation_learns_each_datapoints_scales_and_step_size():
+    torch.manual_seed(3)
+    scales = torch.tensor([[0.1, 1.0, 3.0], [2.0, 0.5, 0.05]], dtype=torch.float64)  # [batch, dim]
+
+    def logdensity(z):  # [chains, batch, dim]: independent Gaussians, very different scales
+        return -0.5 * ((z / scales) ** 2).sum(-1)
+
+    position = torch.randn(4, 2, 3, dtype=torch.float64)
+    state, adapt = hmc.init(position, logdensity), adaptation.window_adaptation_init(position, 0.1)
+    for stage in adaptation.warmup_schedule(600):
+        state, info = hmc.step(state, logdensity, adapt.step_size, adapt.inverse_mass, 5)
+        adapt = adaptation.window_adaptation_update(adapt, stage, state.position, info.accept_rate, 0.65)
+    step_size, inverse_mass = adaptation.window_adaptation_final(adapt)
+    assert step_size.shape == (4, 2, 1) and inverse_mass.shape == (1, 2, 3)
+    ratio = inverse_mass[0] / scales**2  # the inverse mass estimates each datapoint's posterior variances
+    assert torch.all((ratio > 0.5) & (ratio < 2.0))
+    accept = []
+    for _ in range(200):
+        state, info = hmc.step(state, logdensity, step_size, inverse_mass, 5)
+        accept.append(info.accept_rate.mean().item())
+    assert 0.5 < np.mean(accept) < 0.95
+
+
+def test_final_step_size_without_any_update_is_the_initial_one():
+    position = torch.zeros(2, 3, 1, dtype=torch.float64)
+    step_size, inverse_mass = adaptation.window_adaptation_final(adaptation.window_adaptation_init(position, 0.3))
+    assert torch.equal(step_size, torch.full((2, 3, 1), 0.3, dtype=torch.float64))
+    assert torch.equal(inverse_mass, torch.ones(1, 3, 1, dtype=torch.float64))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from pyro.nn import PyroModule
 
-from ppl_genmodels.inference.ais import ais, bdmc, linear_schedule, sigmoid_schedule, simulate
+from ppl_genmodels.inference.ais import _evaluator, ais, bdmc, linear_schedule, sigmoid_schedule, simulate
 from ppl_genmodels.inference.importance import iwae_estimate
 from conftest import make_ppca
 from ppl_genmodels.traces import LogJoint, TraceError, latent_layout, log_weights
@@ -118,6 +118,7 @@ def test_constrained_latent_is_annealed_in_unconstrained_space():
         assert torch.all((result.log_z - exact).abs() < 3 * result.stderr + 0.03), start
 
 
+@pytest.mark.slow  # a statistical check over many draws: run in CI with -m slow
 def test_bdmc_sandwich_closes_as_steps_grow(ppca):
     model, _ = ppca
     torch.manual_seed(5)
@@ -136,7 +137,7 @@ def test_bdmc_sandwich_closes_as_steps_grow(ppca):
 
 def test_ais_refuses_what_it_cannot_do(ppca):
     model, x = ppca
-    with pytest.raises(ValueError, match="start"):
+    with pytest.raises(ValueError, match="needs latents"):
         ais(model.model, model.guide, x, num_steps=5, reverse=True)
     with pytest.raises(ValueError, match="schedule"):
         ais(model.model, model.guide, x, num_steps=5, schedule="cosine")
@@ -155,3 +156,40 @@ def test_ais_refuses_what_it_cannot_do(ppca):
 
     with pytest.raises(TraceError, match="discrete"):
         latent_layout(Discrete().model, torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize("start", ["prior", "guide"])
+def test_moving_to_the_next_temperature_needs_no_evaluation(ppca, start):
+    model, x = ppca
+    joint = LogJoint(model.model, model.guide, x, start=start)
+    u = joint.sample_start(3)
+    retempered = _evaluator(joint, 0.3)(u).at(0.8)
+    fresh = _evaluator(joint, 0.8)(u)
+    for got, want in zip(retempered, fresh):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    log_start, log_target = joint(u)
+    torch.testing.assert_close(fresh.log_density, 0.2 * log_start + 0.8 * log_target)
+
+
+def test_each_annealing_step_costs_one_model_pass_per_leapfrog_step(ppca):
+    model, x = ppca
+    calls = []
+
+    def counted(x, y=None):
+        calls.append(1)
+        return model.model(x, y)
+
+    steps, leapfrog = 5, 3
+    ais(counted, model.guide, x, num_steps=steps, num_chains=4, num_leapfrog=leapfrog)
+    # building the joint (layout and plate nesting: 2), the initial draws (1), the initial point (1),
+    # then one pass per leapfrog step: nothing extra when the temperature changes
+    assert len(calls) == 4 + steps * leapfrog
+
+
+def test_a_generator_makes_ais_repeatable_and_leaves_the_global_stream_alone(ppca):
+    model, x = ppca
+    before = torch.get_rng_state()
+    first, second = (ais(model.model, model.guide, x, num_steps=20, num_chains=4,
+                         generator=torch.Generator().manual_seed(5)) for _ in range(2))
+    assert torch.equal(first.log_w, second.log_w)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -111,7 +111,7 @@ def test_fit_resume_keeps_saved_epochs_and_patience(tmp_path, monkeypatch):
         calls.append(kwargs)
         raise ConfigError("recorded")
 
-    monkeypatch.setattr("ppl_genmodels.train.fit", recording_fit)
+    monkeypatch.setattr("ppl_genmodels.cli.fit", recording_fit)
     code, _, err = _main(["fit", "--resume", "--out", out])
     assert code == 2 and "recorded" in err and len(calls) == 1
     assert calls[0]["resume"] is True
@@ -344,3 +344,9 @@ def test_console_script_lists_datasets():
     assert result.returncode == 0, result.stderr
     names = {line.split()[0] for line in result.stdout.splitlines()[1:]}
     assert {"digits", "mnist", "circle", "moons", "swiss-roll"} <= names
+
+
+def test_ais_start_keeps_its_old_spelling():
+    for flag in ("--ais-start", "--ais-init"):
+        assert cli.build_parser().parse_args(["evaluate", "run", flag, "guide"]).ais_start == "guide"
+    assert cli.build_parser().parse_args(["evaluate", "run"]).ais_start == "prior"

@@ -166,14 +166,3 @@ def test_cli_compare_bad_input(ppca_run, capsys, argv, words):
 def test_cli_compare_missing_run(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "nothing"), "--quiet"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
-
-
-def test_gap_histogram_and_posterior_plots(tmp_path):
-    from ppl_genmodels import plots
-
-    path = plots.plot_gap_histogram(np.zeros(10), np.abs(np.random.default_rng(0).normal(size=10)), tmp_path / "g.png")
-    assert path.is_file() and path.stat().st_size > 0
-    panels = [{"MCMC": np.random.default_rng(i).normal(size=(300, 2)), "guide": np.random.default_rng(9).normal(size=(300, 2))}
-              for i in range(2)]
-    path = plots.plot_posteriors_2d(panels, tmp_path / "p.png", titles=["a", "b"])
-    assert path.is_file() and path.stat().st_size > 0

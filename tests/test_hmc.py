@@ -1,5 +1,7 @@
 """The batched HMC kernel: independent targets with their own step sizes, divergences, generators, AIS states."""
 
+from typing import NamedTuple
+
 import pytest
 import torch
 
@@ -41,3 +43,48 @@ def test_hmc_rejects_divergent_trajectories():
     new, info = hmc.step(state, logdensity, 1.0, 1.0, num_leapfrog=3)
     assert info.divergent.all() and not info.accepted.any()
     torch.testing.assert_close(new.position, state.position)
+
+
+def _gaussian(z):
+    return -0.5 * (z**2).sum(-1)
+
+
+def test_a_generator_makes_transitions_repeatable_and_leaves_the_global_stream_alone():
+    start = hmc.init(torch.zeros(4, 3, 2, dtype=torch.float64), _gaussian)
+    before = torch.get_rng_state()
+    runs = []
+    for _ in range(2):
+        gen, state = torch.Generator().manual_seed(7), start
+        for _ in range(5):
+            state, _ = hmc.step(state, _gaussian, 0.5, 1.0, 3, generator=gen)
+        runs.append(state.position)
+    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(torch.get_rng_state(), before)
+    other = hmc.step(start, _gaussian, 0.5, 1.0, 3, generator=torch.Generator().manual_seed(8))[0]
+    assert not torch.equal(other.position, hmc.step(start, _gaussian, 0.5, 1.0, 3,
+                                                     generator=torch.Generator().manual_seed(7))[0].position)
+
+
+class Tagged(NamedTuple):
+    """A richer state: what the caller keeps beside the log density moves with the position."""
+
+    position: torch.Tensor
+    log_density: torch.Tensor
+    grad: torch.Tensor
+    tag: torch.Tensor  # [chains, batch] here: the first coordinate where the state was built
+
+
+def _tagged(z):
+    plain = hmc.init(z, _gaussian)
+    return Tagged(*plain, z[..., 0].clone())
+
+
+def test_transition_moves_every_field_of_the_state_with_the_position():
+    torch.manual_seed(0)
+    state = _tagged(torch.randn(50, 2, 3, dtype=torch.float64))
+    new, info = hmc.transition(state, _tagged, 0.9, 1.0, 4)
+    assert isinstance(new, Tagged)
+    assert info.accepted.any() and (~info.accepted).any()  # both branches are exercised
+    torch.testing.assert_close(new.tag, new.position[..., 0])  # every field belongs to the same point
+    kept = ~info.accepted
+    assert torch.equal(new.position[kept], state.position[kept]) and torch.equal(new.tag[kept], state.tag[kept])

@@ -15,6 +15,7 @@ from ppl_genmodels.inference.mcmc import diagnostics, hmc_posterior, nuts_poster
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow  # a statistical check over many draws: run in CI with -m slow
 def test_hmc_recovers_the_exact_ppca_posterior():
     model, x = make_ppca(6)
     torch.manual_seed(2)
@@ -35,6 +36,7 @@ def test_hmc_recovers_the_exact_ppca_posterior():
     assert torch.all((result.accept_rate > 0.5) & (result.accept_rate <= 1.0))
 
 
+@pytest.mark.slow  # a statistical check over many draws: run in CI with -m slow
 def test_batched_hmc_and_pyro_nuts_agree():
     model, x = make_ppca(2, seed=3)
     torch.manual_seed(4)
@@ -76,6 +78,7 @@ def _sbc_ranks(shift: float = 0.0):
     return (draws < latents["z"][:, 0]).sum(0).numpy()  # ranks in 0..40
 
 
+@pytest.mark.slow  # a statistical check over many draws: run in CI with -m slow
 def test_simulation_based_calibration_is_uniform_and_catches_bias():
     ranks = _sbc_ranks()
     counts = np.bincount(ranks // 6, minlength=7)[:7]  # 41 ranks in 7 bins (the last bin holds 36..40)
@@ -101,3 +104,12 @@ def test_unconverged_datapoints_raise_a_warning():
     model, x = make_ppca(3, seed=7)
     with pytest.warns(RuntimeWarning, match="R-hat"):
         hmc_posterior(model.model, model.guide, x, num_chains=2, num_samples=5, warmup=0, step_size=1e-3)
+
+
+def test_a_generator_makes_hmc_draws_repeatable_and_leaves_the_global_stream_alone():
+    model, x = make_ppca(3, seed=5)
+    before = torch.get_rng_state()
+    first, second = (hmc_posterior(model.model, model.guide, x, num_chains=2, num_samples=20, warmup=30, warn=False,
+                                   generator=torch.Generator().manual_seed(11)) for _ in range(2))
+    assert torch.equal(first.samples["z"], second.samples["z"])
+    assert torch.equal(torch.get_rng_state(), before)

@@ -16,7 +16,6 @@ import torch
 
 from ppl_genmodels import ConfigError, TraceError, fit, load_run
 from ppl_genmodels.models import CVAE, REGISTRY, VAE
-from ppl_genmodels.config import RunConfig, build_model, resolve_model_class
 from ppl_genmodels.runs import load_checkpoint
 
 TINY = dict(hidden=[32], z_dim=2, eval_k=10, progress=False, plots=False)
@@ -271,33 +270,6 @@ def test_conditioned_data_needs_y_dim(tmp_path):
     path = _write_user_model(tmp_path)
     message = _config_error(tmp_path, f"{path}:TinyVAE", data="digits", condition="label", max_examples=16)
     assert "takes no y_dim" in message
-
-
-def test_build_model_passes_accepted_arguments():
-    config = RunConfig(model="vae", hidden=[8, 4], z_dim=3, model_args={"likelihood": "gaussian"})
-
-    class Data:  # the attributes build_model reads
-        x_dim, y_dim, likelihood, n_levels, condition = 5, 0, "bernoulli", None, None
-
-    model = build_model(config, Data())
-    assert isinstance(model, VAE)
-    assert (model.x_dim, model.z_dim) == (5, 3)
-    assert [layer.out_features for layer in model.encoder if isinstance(layer, torch.nn.Linear)] == [8, 4, 6]
-    assert model.head.likelihood == "gaussian"  # model_args override the offered value
-
-
-def test_resolve_model_class():
-    assert resolve_model_class("vae") is VAE
-    assert resolve_model_class(CVAE) is CVAE
-    with pytest.raises(ConfigError, match="unknown model"):
-        resolve_model_class("models/vae.py")  # a path without :ClassName is no model spec
-
-    class Incomplete:
-        def model(self, x, y=None):
-            pass
-
-    with pytest.raises(ConfigError, match="no guide"):
-        resolve_model_class(Incomplete)
 
 
 # --------------------------------------------------------------------------- #
