@@ -18,7 +18,7 @@ import typing
 
 from ppl_genmodels.comparison import compare_run
 from ppl_genmodels.config import ConfigError, RunConfig
-from ppl_genmodels.data import DATASETS, SPLIT_NAMES, DataError, DataOptions
+from ppl_genmodels.data import DATASETS, SPLIT_NAMES, DataError
 from ppl_genmodels.evaluation import bdmc_run, evaluate_run, parse_estimators
 from ppl_genmodels.inference.mcmc import MCMC_METHODS
 from ppl_genmodels.models import DESCRIPTIONS
@@ -28,6 +28,7 @@ from ppl_genmodels.traces import PROPOSALS, STARTS, TraceError
 from ppl_genmodels.train import TrainingDiverged, fit
 
 __all__ = ["main", "build_parser"]
+
 
 def _field_parser(owner, f: dataclasses.Field):
     """Text -> value for a field: its ``parse`` metadata, else its (non-None) annotated type."""
@@ -51,9 +52,10 @@ def _add_field_options(parser: argparse.ArgumentParser, owner) -> None:
     which takes everything else from :class:`RunConfig`'s defaults (or, on resume,
     from the run's saved configuration).
     """
+    hints = typing.get_type_hints(owner)
     for f in dataclasses.fields(owner):
-        if f.name == "data_options":
-            _add_field_options(parser, DataOptions)
+        if dataclasses.is_dataclass(hints[f.name]):  # e.g. RunConfig.data_options: its fields are options
+            _add_field_options(parser, hints[f.name])
             continue
         meta = f.metadata
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
@@ -144,6 +146,9 @@ def _fit(args) -> int:
     if "model_args" in options:
         options["model_args"] = dict(options["model_args"])  # KEY=VALUE pairs, the last one of a key wins
     if args.resume:
+        fixed = [name for name in options if name not in RunConfig.resumable()]
+        if fixed:
+            raise ConfigError(f"a resumed run keeps its configuration; cannot change {', '.join(fixed)} with --resume")
         run = fit(out=args.out, resume=True, progress=not args.quiet, plots=not args.no_plots, **options)
     else:
         run = fit(options.pop("model", "vae"), options.pop("data", "digits"), args.out, progress=not args.quiet,

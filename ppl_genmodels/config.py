@@ -136,6 +136,11 @@ class RunConfig:
             names += [d.name for d in dataclasses.fields(DataOptions)] if f.name == "data_options" else [f.name]
         return names
 
+    @staticmethod
+    def resumable() -> set[str]:
+        """The options ``fit --resume`` may change; every other one stays as the run saved it."""
+        return {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("resumable")}
+
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
         """From flat options (``config.json``, or keywords of ``fit``); unknown names are refused."""

@@ -21,7 +21,6 @@ step touches the parameters: the last good checkpoint stays on disk.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import time
@@ -171,8 +170,7 @@ def _resumed_config(out, options: dict) -> tuple[RunConfig, Path]:
         raise ConfigError("resume needs the run directory (out)")
     out = Path(out)
     config = runs.read_config(out)
-    resumable = {name for name, meta in _option_metadata().items() if meta.get("resumable")}
-    extra = sorted(set(options) - resumable)
+    extra = sorted(set(options) - RunConfig.resumable())
     if extra:
         raise ConfigError(f"a resumed run keeps its configuration; cannot change {', '.join(extra)}")
     for key, value in options.items():
@@ -180,10 +178,6 @@ def _resumed_config(out, options: dict) -> tuple[RunConfig, Path]:
     if not (out / runs.CHECKPOINT_FILE).is_file():
         raise ConfigError(f"{out} has no {runs.CHECKPOINT_FILE} to resume from")
     return config, out
-
-
-def _option_metadata() -> dict[str, dict]:
-    return {f.name: dict(f.metadata) for f in dataclasses.fields(RunConfig)}
 
 
 def _start(config: RunConfig, out: Path, model_class) -> _Training:

@@ -350,3 +350,10 @@ def test_ais_start_keeps_its_old_spelling():
     for flag in ("--ais-start", "--ais-init"):
         assert cli.build_parser().parse_args(["evaluate", "run", flag, "guide"]).ais_start == "guide"
     assert cli.build_parser().parse_args(["evaluate", "run"]).ais_start == "prior"
+
+
+@pytest.mark.parametrize("option", [["--model", "cvae"], ["--data", "moons"], ["--z-dim", "3"], ["--val-fraction", "0.2"]])
+def test_resume_refuses_to_change_the_saved_configuration(tmp_path, option):
+    code, out, err = _main(["fit", "--resume", "--out", tmp_path / "run", "--epochs", "3", *option])
+    _assert_error(code, out, err, f"cannot change {option[0][2:].replace('-', '_')} with --resume")
+    assert not (tmp_path / "run").exists()

@@ -55,8 +55,7 @@ def test_only_the_options_given_reach_fit():
 
 
 def test_only_epochs_patience_and_device_are_resumable():
-    resumable = {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("resumable")}
-    assert resumable == {"epochs", "patience", "device"}
+    assert RunConfig.resumable() == {"epochs", "patience", "device"}
 
 
 def test_a_new_option_needs_only_its_declaration():
