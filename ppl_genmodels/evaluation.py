@@ -142,12 +142,12 @@ def _check_positive(**values) -> None:
 
 
 def _importance_columns(model, part, total, k, want_elbo, *, batch_size, proposal, progress, split):
-    """ELBO and IWAE-k columns from one stream of k particles per datapoint; (columns, seconds)."""
+    """ELBO and IWAE-k columns, by estimator name, from one stream of k particles per datapoint; and seconds."""
     label = ("elbo, " if want_elbo else "") + f"iwae{k}"
     x, y = part.x[:total], None if part.y is None else part.y[:total]
     elbo, iwae = batched_estimates(model.model, model.guide, x, y, k=k, batch_size=batch_size, proposal=proposal,
                                    progress=progress, desc=f"{label} ({split})")
-    return {**tables.columns(elbo, "elbo"), **tables.columns(iwae, f"iwae{k}")}, elbo.seconds
+    return {"elbo": tables.columns(elbo, "elbo"), f"iwae{k}": tables.columns(iwae, f"iwae{k}")}, elbo.seconds
 
 
 @torch.no_grad()
@@ -196,8 +196,8 @@ def _resolve_estimators(model, estimators, k) -> list[EstimatorSpec]:
 
 
 def _estimate(model, part, total, specs, *, batch_size, chains, ais_start, proposal, progress, split):
-    """Every estimator's per-datapoint columns, and its seconds; an elbo and an iwae of the same K share a pass."""
-    columns: dict[str, np.ndarray] = {}
+    """Each estimator's per-datapoint columns and seconds, by name; an elbo and an iwae of the same K share a pass."""
+    columns: dict[str, dict[str, np.ndarray]] = {}
     seconds: dict[str, float] = {}
     common = dict(batch_size=batch_size, progress=progress, split=split)
     for spec in specs:
@@ -207,21 +207,15 @@ def _estimate(model, part, total, specs, *, batch_size, chains, ais_start, propo
             members = [s for s in specs if s.kind in ("elbo", "iwae") and s.size == spec.size]
             want_elbo = any(m.kind == "elbo" for m in members)
             cols, took = _importance_columns(model, part, total, spec.size, want_elbo, proposal=proposal, **common)
-            columns.update({c: cols[c] for member in members for c in _spec_columns(member)})
-            seconds.update({member.name: took for member in members})
+            for member in members:
+                columns[member.name] = cols["elbo" if member.kind == "elbo" else member.name]
+                seconds[member.name] = took
         elif spec.kind == "exact":
-            cols, seconds["exact"] = _exact_columns(model, part, total, **common)
-            columns.update(cols)
+            columns["exact"], seconds["exact"] = _exact_columns(model, part, total, **common)
         else:
-            cols, seconds[spec.name] = _ais_columns(model, part, total, spec.size, chains=chains, start=ais_start,
-                                                    **common)
-            columns.update(cols)
+            columns[spec.name], seconds[spec.name] = _ais_columns(model, part, total, spec.size, chains=chains,
+                                                                  start=ais_start, **common)
     return columns, seconds
-
-
-def _spec_columns(spec: EstimatorSpec) -> tuple[str, ...]:
-    suffixes = {"iwae": ("", "_se", "_ess"), "ais": ("", "_se", "_ess", "_accept")}.get(spec.kind, ("", "_se"))
-    return tuple(spec.name + suffix for suffix in suffixes)
 
 
 def evaluate_run(run, *, estimators=None, k: int | None = None, split: str = "test", n: int | None = None,
@@ -265,8 +259,8 @@ def evaluate_run(run, *, estimators=None, k: int | None = None, split: str = "te
     columns, seconds = _estimate(model, part, total, specs, batch_size=batch_size, chains=chains,
                                  ais_start=ais_start, proposal=proposal, progress=progress, split=split)
     per_datapoint = pd.DataFrame({"index": part.index[:total].cpu().numpy(),
-                                  **{c: columns[c] for spec in specs for c in _spec_columns(spec)}})
-    summary = pd.DataFrame([tables.summary_row(s.name, columns[s.name], seconds[s.name]) for s in specs],
+                                  **{name: value for spec in specs for name, value in columns[spec.name].items()}})
+    summary = pd.DataFrame([tables.summary_row(s.name, columns[s.name][s.name], seconds[s.name]) for s in specs],
                            columns=tables.SUMMARY_COLUMNS)
     if save:
         run.write_tables("evaluation", {"summary.csv": summary, "per_datapoint.csv": per_datapoint})
