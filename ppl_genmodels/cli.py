@@ -30,11 +30,10 @@ from ppl_genmodels.train import TrainingDiverged, fit
 __all__ = ["main", "build_parser"]
 
 
-def _field_parser(owner, f: dataclasses.Field):
-    """Text -> value for a field: its ``parse`` metadata, else its (non-None) annotated type."""
+def _field_parser(hint, f: dataclasses.Field):
+    """Text -> value for a field: its ``parse`` metadata, else its (non-None) annotated type ``hint``."""
     if f.metadata.get("parse"):
         return f.metadata["parse"]
-    hint = typing.get_type_hints(owner)[f.name]
     kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     return kinds[0]
 
@@ -59,7 +58,7 @@ def _add_field_options(parser: argparse.ArgumentParser, owner) -> None:
             continue
         meta = f.metadata
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
-        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, type=_field_parser(owner, f),
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, type=_field_parser(hints[f.name], f),
                       help=meta.get("help", "") + _default_text(f))
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
