@@ -57,6 +57,8 @@ def _add_field_options(parser: argparse.ArgumentParser, owner) -> None:
             _add_field_options(parser, hints[f.name])
             continue
         meta = f.metadata
+        if not meta.get("cli", True):
+            continue
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, type=_field_parser(hints[f.name], f),
                       help=meta.get("help", "") + _default_text(f))

@@ -144,7 +144,7 @@ def _inference_data(draws: dict[str, torch.Tensor], mcmc_chains: torch.Tensor, i
 
 def _compute(run, x, y, index, *, mcmc, chains, samples, warmup, local_steps, logp_k, elbo_k, num_draws,
              progress) -> Comparison:
-    module = run.model
+    module = run.program
     joint = LogJoint(module.model, module.guide, x, y, start="prior")
     layout = joint.layout
     seconds: dict[str, float] = {}
@@ -213,7 +213,7 @@ def compare_run(run, *, n: int = 100, split: str = "test", mcmc: str = "hmc", ch
     run = as_run(run)
     if seed is not None:
         torch.manual_seed(seed)
-    run.model.eval()
+    run.program.eval()
     part = run.data.split(split)
     total = min(n, len(part.x))
     if total < 1:

@@ -14,9 +14,14 @@ a field here (or to ``DataOptions`` for a data option).
 
 A model is named by a registry name (``vae``, ``cvae``, ``ppca``), by
 ``path/to/file.py:ClassName`` (a user's own Pyro program), or passed to the
-Python API as a class. Its constructor receives ``x_dim`` and ``z_dim`` and
-whichever of ``y_dim``, ``hidden``, ``likelihood``, ``n_levels``, ``scale``,
-``y_kind`` it names, plus ``model_args``.
+Python API as a class or as an instance (already built, used as it is). A class
+is built with the constructor arguments it names, and only those the user set
+(``--z-dim``, ``--hidden``, ``--scale``, ``--model-arg``) or the data determines
+(``x_dim``, ``y_dim``, ``likelihood``, ``n_levels``, ``y_kind``); its own defaults
+stand otherwise (:func:`constructor_arguments`), and the values actually used are
+written back into the configuration. The built model is wrapped in a
+:class:`~ppl_genmodels.programs.Program`, which calls ``model``/``guide`` in the
+program's own signature.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import torch
 from ppl_genmodels.data import DataOptions, Dataset, load_dataset
 from ppl_genmodels.inference.objectives import OBJECTIVES
 from ppl_genmodels.models import REGISTRY
+from ppl_genmodels.programs import Program
+from ppl_genmodels.traces import TraceError
 
 __all__ = [
     "ConfigError",
@@ -44,8 +51,12 @@ __all__ = [
     "resolve_device",
     "resolve_model_class",
     "model_spec_string",
+    "is_instance",
+    "constructor_arguments",
     "build_model",
 ]
+
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
 #: optimizers by name (plain ``torch.optim``, on the module's own parameters)
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
@@ -84,7 +95,7 @@ def parse_optional_int(text: str) -> int | None:
 
 
 def option(default=MISSING, help: str = "", *, factory=None, choices=None, parse=None, flag: str | None = None,
-           metavar: str | None = None, repeat: bool = False, resumable: bool = False):
+           metavar: str | None = None, repeat: bool = False, resumable: bool = False, cli: bool = True):
     """A :class:`RunConfig` field with what the command line needs to offer it.
 
     ``help``: one line, without the default (the command line appends it);
@@ -92,11 +103,12 @@ def option(default=MISSING, help: str = "", *, factory=None, choices=None, parse
     (default: the field's type); ``flag``: the option's spelling (default
     ``--field-name``); ``repeat``: the flag may be given several times, each
     giving one ``(key, value)`` pair of a dict; ``resumable``: ``fit --resume``
-    may change it. :class:`~ppl_genmodels.data.DataOptions` uses the same
+    may change it; ``cli``: offered on the command line (False: set by the
+    Python API only). :class:`~ppl_genmodels.data.DataOptions` uses the same
     metadata keys (help, choices).
     """
     metadata = {"help": help, "choices": None if choices is None else tuple(choices), "parse": parse, "flag": flag,
-                "metavar": metavar, "repeat": repeat, "resumable": resumable}
+                "metavar": metavar, "repeat": repeat, "resumable": resumable, "cli": cli}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -116,6 +128,10 @@ class RunConfig:
     scale: float | None = option(None, "fixed Gaussian observation scale (default: learned)")
     model_args: dict = option(factory=dict, help="extra constructor argument for the model (JSON value), repeatable",
                               parse=parse_key_value, flag="--model-arg", metavar="KEY=VALUE", repeat=True)
+    data_arg: str | None = option(None, "the argument of model() and guide() that receives the data, when it "
+                                        "is not the first (the conditioning goes to the other one)")
+    model_instance: bool = option(False, "the run was trained on a model instance passed to the Python API "
+                                         "(load it again with load_run(path, model=instance))", cli=False)
     elbo: str = option("trace", "training objective", choices=OBJECTIVES)
     particles: int = option(1, "particles per datapoint for the objective (K of IWAE-K)")
     optimizer: str = option("adam", "optimizer", choices=OPTIMIZERS)
@@ -236,8 +252,13 @@ def resolve_model_class(spec):
         )
     for method in ("model", "guide"):
         if not callable(getattr(cls, method, None)):
-            raise ConfigError(f"model class {cls.__name__} has no {method}(x, y=None) method")
+            raise ConfigError(f"model class {cls.__name__} has no {method}(x) method")
     return cls
+
+
+def is_instance(model) -> bool:
+    """Whether ``model`` is an already-built model (not a name, file spec or class)."""
+    return model is not None and not isinstance(model, str) and not inspect.isclass(model)
 
 
 def model_spec_string(spec) -> str:
@@ -245,6 +266,8 @@ def model_spec_string(spec) -> str:
 
     Model files are stored with absolute paths, so the run loads from any working directory.
     """
+    if is_instance(spec):
+        spec = type(spec)
     if not inspect.isclass(spec):
         text = str(spec)
         path, sep, name = text.rpartition(":")
@@ -264,39 +287,124 @@ def model_spec_string(spec) -> str:
     return f"{Path(path).resolve()}:{spec.__qualname__}"
 
 
-def _offered(config: RunConfig, dataset: Dataset) -> dict:
-    """Constructor arguments the toolkit can supply, by name; a class receives those it names."""
+#: constructor arguments the data determines (a class receives those it names)
+DATA_ARGUMENTS = ("x_dim", "y_dim", "likelihood", "n_levels", "y_kind")
+#: constructor arguments set by options of their own (the rest come through --model-arg)
+SIZE_ARGUMENTS = ("z_dim", "hidden", "scale")
+
+
+def _data_values(dataset: Dataset) -> dict:
+    return {"x_dim": dataset.x_dim, "y_dim": dataset.y_dim, "likelihood": dataset.likelihood,
+            "n_levels": dataset.n_levels, "y_kind": {"label": "onehot", "quadrants": "binary"}.get(dataset.condition)}
+
+
+def _toolkit_defaults(dataset: Dataset) -> dict:
+    """Sizes for the built-in models, and for a class that requires them without a default of its own."""
     low_dim = dataset.x_dim <= 3
-    hidden = config.hidden if config.hidden is not None else ([64, 64] if low_dim else [256])
-    return {
-        "x_dim": dataset.x_dim,
-        "z_dim": config.z_dim if config.z_dim is not None else (2 if low_dim else 16),
-        "y_dim": dataset.y_dim,
-        "likelihood": dataset.likelihood,
-        "n_levels": dataset.n_levels,
-        "scale": config.scale,
-        "y_kind": {"label": "onehot", "quadrants": "binary"}.get(dataset.condition),
-        "hidden": tuple(hidden),
-    }
+    return {"z_dim": 2 if low_dim else 16, "hidden": (64, 64) if low_dim else (256,)}
 
 
-def build_model(config: RunConfig, dataset: Dataset, model_class=None):
-    """Instantiate the configured model for ``dataset`` (constructor arguments by signature)."""
-    cls = resolve_model_class(model_class if model_class is not None else config.model)
-    params = inspect.signature(cls.__init__).parameters
-    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    for required in ("x_dim", "z_dim"):
-        if required not in params and not takes_kwargs:
-            raise ConfigError(f"model class {cls.__name__} must accept the constructor argument {required}")
-    if dataset.y_dim and "y_dim" not in params and not takes_kwargs:
-        raise ConfigError(f"data is conditioned ({dataset.condition}) but model {cls.__name__} takes no y_dim")
-    kwargs = {k: v for k, v in _offered(config, dataset).items()
-              if k in params or (takes_kwargs and k in ("x_dim", "z_dim"))}
-    for key, value in config.model_args.items():
+def _user_values(config: RunConfig) -> dict:
+    """The constructor arguments the user set: the size options given, then ``--model-arg``."""
+    values = {k: getattr(config, k) for k in SIZE_ARGUMENTS if getattr(config, k) is not None}
+    if "hidden" in values:
+        values["hidden"] = tuple(values["hidden"])
+    return {**values, **config.model_args}
+
+
+def constructor_arguments(cls, config: RunConfig, dataset: Dataset) -> dict:
+    """The arguments ``cls`` is built with: those it names, and only those the user set or the data determines.
+
+    Precedence: what the user set (``--z-dim``, ``--hidden``, ``--scale``,
+    ``--model-arg``), then what the data determines (``x_dim``, ``y_dim``,
+    ``likelihood``, ...), then the class's own default; the toolkit's sizes fill a
+    required argument without a default (and are the built-in models' defaults).
+    """
+    params = {name: p for name, p in inspect.signature(cls).parameters.items() if p.kind not in _VARIADIC}
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls).parameters.values())
+    user, data, toolkit = _user_values(config), _data_values(dataset), _toolkit_defaults(dataset)
+    builtin = cls in REGISTRY.values()
+    for key in user:
         if key not in params and not takes_kwargs:
-            raise ConfigError(f"model {cls.__name__} has no constructor argument {key!r} (from --model-arg)")
-        kwargs[key] = value
+            flag = f"--{key.replace('_', '-')}" if key in SIZE_ARGUMENTS and key not in config.model_args \
+                else "--model-arg"
+            raise ConfigError(f"model {cls.__name__} has no constructor argument {key!r} (from {flag}); "
+                              f"its arguments are {', '.join(params) or 'none'}")
+    kwargs = dict(user)
+    for name, p in params.items():
+        if name in kwargs:
+            continue
+        if name in data:
+            kwargs[name] = data[name]
+        elif name in toolkit and (builtin or p.default is inspect.Parameter.empty):
+            kwargs[name] = toolkit[name]
+        elif p.default is inspect.Parameter.empty:
+            raise ConfigError(f"model {cls.__name__} needs the constructor argument {name!r}; "
+                              f"give it with --model-arg {name}=VALUE")
+    if takes_kwargs:  # a class taking **kwargs gets the data's size and the latent size
+        kwargs.setdefault("x_dim", data["x_dim"])
+        kwargs.setdefault("z_dim", toolkit["z_dim"])
+    return kwargs
+
+
+def _record(config: RunConfig, cls, kwargs: dict) -> None:
+    """Write into ``config`` the constructor arguments actually used (bound, with the class's defaults)."""
+    bound = inspect.signature(cls).bind_partial(**kwargs)
+    bound.apply_defaults()
+    used = dict(bound.arguments)
+    for name, p in inspect.signature(cls).parameters.items():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            used.update(used.pop(name, {}))
+        elif p.kind is inspect.Parameter.VAR_POSITIONAL:
+            used.pop(name, None)
+    for name, value in used.items():
+        if name in DATA_ARGUMENTS:
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue  # not representable in config.json (a module, a function): the class default stands
+        if name in SIZE_ARGUMENTS and _fits_field(name, value):
+            setattr(config, name, value)
+        else:
+            config.model_args[name] = value
+
+
+def _fits_field(name: str, value) -> bool:
+    """Whether a constructor value has the type of the :class:`RunConfig` field of the same name."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if name == "z_dim":
+        return value is None or (isinstance(value, int) and not isinstance(value, bool))
+    if name == "hidden":
+        return value is None or (isinstance(value, list) and all(isinstance(h, int) for h in value))
+    return value is None or number
+
+
+def build_model(config: RunConfig, dataset: Dataset, model=None) -> Program:
+    """The configured model for ``dataset`` as a :class:`~ppl_genmodels.programs.Program`.
+
+    ``model``: a class, name or file spec overriding ``config.model``, or an
+    already-built instance (used as it is). The constructor arguments used are
+    recorded in ``config`` (so ``config.json`` holds the values the model was built with).
+    """
+    if is_instance(model):
+        module = model
+    else:
+        cls = resolve_model_class(model if model is not None else config.model)
+        kwargs = constructor_arguments(cls, config, dataset)
+        try:
+            module = cls(**kwargs)
+        except Exception as err:
+            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ConfigError(f"cannot build model {cls.__name__}: {type(err).__name__}: {message}") from None
+        _record(config, cls, kwargs)
     try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"cannot build model {cls.__name__}: {err}") from None
+        program = Program(module, data_arg=config.data_arg)
+    except TraceError as err:
+        raise ConfigError(str(err)) from None
+    if dataset.y_dim and not program.conditioned:
+        raise ConfigError(f"data is conditioned ({dataset.condition}) but {type(module).__name__}.model takes "
+                          "no conditioning argument")
+    return program

@@ -249,7 +249,7 @@ def evaluate_run(run, *, estimators=None, k: int | None = None, split: str = "te
     if proposal not in PROPOSALS:
         raise ValueError(f"unknown proposal {proposal!r}; expected one of {', '.join(PROPOSALS)}")
     run = as_run(run)
-    model = run.model
+    model = run.program
     model.eval()
     specs = _resolve_estimators(model, estimators, k)
     part = run.data.split(split)
@@ -283,7 +283,7 @@ def _simulate(run, n: int):
         n = min(n, len(test.y))
         y = test.y[:n]
     template = test.x.new_zeros((n,) + tuple(test.x.shape[1:]))
-    x, latents = ais_module.simulate(run.model.model, template, y)
+    x, latents = ais_module.simulate(run.program.model, template, y)
     return x, latents, y
 
 
@@ -306,7 +306,7 @@ def bdmc_run(run, *, n: int = 100, num_steps: int = 1000, chains: int = 16, batc
     """
     _check_positive(n=n, num_steps=num_steps, chains=chains, batch_size=batch_size)
     run = as_run(run)
-    run.model.eval()
+    run.program.eval()
     x, latents, y = _simulate(run, n)
     n = x.shape[0]
     batch = batch_size or max(1, min(n, _AIS_ROWS // chains))
@@ -317,7 +317,7 @@ def bdmc_run(run, *, n: int = 100, num_steps: int = 1000, chains: int = 16, batc
             stop = min(n, start + batch)
             with torch.enable_grad():
                 forward, reverse = ais_module.bdmc(
-                    run.model.model, run.model.guide, x[start:stop],
+                    run.program.model, run.program.guide, x[start:stop],
                     {name: _take(value, start, stop, n) for name, value in latents.items()},
                     None if y is None else y[start:stop], num_steps=num_steps, num_chains=chains, progress=progress)
             parts.append({**tables.value_columns(forward, "lower"), **tables.value_columns(reverse, "upper")})

@@ -540,7 +540,7 @@ def sample_run(run, n: int = 64, path=None, *, label: int | None = None, seed: i
         n = min(n, len(data.test.y))
     template = data.test.x.new_zeros((n, data.x_dim))
     y = _conditioning(data, n, label, template.device, template.dtype)
-    sample, mean = generate(run.model.model, template, y)
+    sample, mean = generate(run.program.model, template, y)
     if data.image_shape is not None:
         vmin, vmax = _image_range(data)
         ncol = data.n_classes if data.condition == "label" and label is None else None
@@ -552,7 +552,7 @@ def sample_run(run, n: int = 64, path=None, *, label: int | None = None, seed: i
 
 
 def _image_figures(run, folder: Path) -> list[Path]:
-    data, model = run.data, run.model
+    data, model = run.data, run.program
     written = [sample_run(run, 64 if data.condition != "label" else 8 * data.n_classes, folder / "samples.png")]
     x, y = data.test.x[:16], None if data.test.y is None else data.test.y[:16]
     originals, recon = data_images(data, x, y), reconstruct(model.model, model.guide, x, y)
@@ -579,7 +579,7 @@ def plot_run(run, *, grid_size: int = 80, k: int = 500) -> list[Path]:
     if data.image_shape is not None:
         written += _image_figures(run, folder)
     elif data.x_dim == 2 and data.condition is None:
-        gx, gy, log_p = log_density_grid(run.model, data.train.x, grid_size=grid_size, k=k)
+        gx, gy, log_p = log_density_grid(run.program, data.train.x, grid_size=grid_size, k=k)
         written.append(plot_density_2d(gx, gy, log_p, folder / "density.png", data=data.train.x,
                                        true_manifold=data.meta.get("true_manifold"),
                                        title=f"learned density p(x) (importance sampling, k={k})"))

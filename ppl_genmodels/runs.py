@@ -33,6 +33,8 @@ import torch
 
 from ppl_genmodels.config import ConfigError, RunConfig, build_model, resolve_device
 from ppl_genmodels.data import Dataset
+from ppl_genmodels.programs import Program
+from ppl_genmodels.traces import TraceError
 
 __all__ = [
     "CheckpointError",
@@ -136,17 +138,25 @@ def write_config(path, config: RunConfig) -> Path:
 class Run:
     """A trained run: its directory, configuration, model (with trained weights), data and metrics.
 
+    ``run.model`` is the user's own model object; ``run.program`` calls its
+    ``model``/``guide`` the way the toolkit calls every pair (``(x, y)``).
+
     The run owns its directory: results go to ``run.folder("evaluation")``,
     ``run.folder("compare")`` and ``run.folder("plots")``, written with :func:`atomic_write`.
     """
 
     path: Path
     config: RunConfig
-    model: torch.nn.Module
+    program: Program
     data: Dataset
     metrics: pd.DataFrame
     epoch: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def model(self):
+        """The model object itself (the class the run names, or the instance it was given)."""
+        return self.program.module
 
     def folder(self, name: str) -> Path:
         """``RUN_DIR/name`` (not created until something is written there)."""
@@ -162,31 +172,43 @@ class Run:
         return pd.read_csv(path) if path.is_file() else None
 
 
-def load_run(path, *, device: str | None = None, which: str = "best", model_class=None) -> Run:
+def load_run(path, *, device: str | None = None, which: str = "best", model=None, model_class=None) -> Run:
     """Load a run directory: model with trained weights, configuration, data split and metrics.
 
     ``which`` is ``"best"`` (weights of the best validation epoch) or ``"last"``.
-    ``model_class`` overrides the class named in the configuration (for a model
-    defined in a script that cannot be re-imported).
+    ``model`` overrides the model named in the configuration: a class (for a model
+    defined in a script that cannot be re-imported), or the instance the run was
+    trained on (its weights are replaced by the run's). ``model_class`` is the
+    older name of ``model``.
     """
     path = Path(path)
     config = read_config(path)
     if which not in ("best", "last"):
         raise ConfigError(f"which must be 'best' or 'last', got {which!r}")
+    model = model if model is not None else model_class
+    if config.model_instance and model is None:
+        raise ConfigError(f"run {path} was trained on a model instance; pass it (or its class) again: "
+                          "load_run(path, model=...)")
     if device is None:  # the training device may be absent here (a CUDA run loaded on a laptop)
         device = config.device if config.device in ("auto", "cpu") or torch.cuda.is_available() else "auto"
     dev = resolve_device(device)
-    dataset = config.load_data()
-    model = build_model(config, dataset, model_class)
+    dataset = config.load_data().to(dev)
+    program = build_model(config, dataset, model).to(dev)
     file = path / (BEST_FILE if which == "best" else CHECKPOINT_FILE)
     if not file.is_file() and which == "best":
         file = path / CHECKPOINT_FILE
-    payload = load_checkpoint(file, map_location="cpu")
-    model.load_state_dict(payload["model"])
-    model.to(dev)
+    payload = load_checkpoint(file, map_location=dev)
+    x, y = next(iter(dataset.batches("train", min(8, len(dataset.train.x)))))
+    program.check(x, y)  # creates the pyro.param sites the checkpoint restores
+    try:
+        program.load_state(payload)
+    except (RuntimeError, TraceError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {file} does not fit model {type(program.module).__name__}: {first}") from None
+    program.eval()
     metrics_file = path / METRICS_FILE
     metrics = pd.read_csv(metrics_file) if metrics_file.is_file() else pd.DataFrame()
-    return Run(path, config, model, dataset.to(dev), metrics, int(payload.get("epoch", 0)), dev)
+    return Run(path, config, program, dataset, metrics, int(payload.get("epoch", 0)), dev)
 
 
 def as_run(run) -> Run:

@@ -96,15 +96,22 @@ def max_plate_nesting(model: Callable, guide: Callable, *args) -> int:
     return max(1, max(dims))
 
 
+def _outside_data_plate(site) -> str:
+    """What to change when a sample site is not inside the data plate."""
+    plates = [f.name for f in site["cond_indep_stack"] if f.name != PARTICLE_PLATE]
+    where = f"in pyro.plate({', '.join(repr(p) for p in plates)}) but " if plates else ""
+    fix = (f"rename the plate that runs over the datapoints to {DATA_PLATE!r}" if plates
+           else f"put it inside `with pyro.plate({DATA_PLATE!r}, x.shape[0]):`")
+    return (f"sample site {site['name']!r} is {where}outside pyro.plate({DATA_PLATE!r}): {fix} (per-datapoint "
+            "weights need every sample site in that plate; global parameters belong in pyro.param or "
+            "nn.Parameter, not in sample sites)")
+
+
 def _site_log_prob(site, particle_dim: int | None, num_particles: int, batch_size: int) -> torch.Tensor:
     """One site's log-density reduced to ``[K, B]`` (or ``[B]`` when particle_dim is None)."""
     dims = plate_dims(site)
     if DATA_PLATE not in dims:
-        raise TraceError(
-            f"sample site {site['name']!r} is outside pyro.plate({DATA_PLATE!r}); per-datapoint "
-            "log weights need every sample site inside the data plate (global parameters "
-            "belong in nn.Parameters, not sample sites)"
-        )
+        raise TraceError(_outside_data_plate(site))
     lp = site["fn"].log_prob(site["value"])
     if site["mask"] is not None:
         lp = torch.where(site["mask"], lp, lp.new_zeros(()))
@@ -158,7 +165,8 @@ def _log_densities(model_trace, guide_trace, reduce):
             observed = observed + reduce(site)
         else:
             if guide_trace is not None and name not in guide_trace.nodes:
-                raise TraceError(f"latent site {name!r} of the model is not sampled by the guide")
+                raise TraceError(f"latent site {name!r} of the model is not sampled by the guide: add "
+                                 f"pyro.sample({name!r}, ...) to the guide, inside pyro.plate({DATA_PLATE!r})")
             latent = latent + reduce(site)
     if guide_trace is not None:
         for site in guide_trace.nodes.values():

@@ -4,7 +4,8 @@ Stochastic variational inference (Hoffman et al. 2013; Kingma & Welling 2014)
 maximises a bound on log p(x) over the model's and the guide's parameters
 jointly. Here the bound comes from :mod:`ppl_genmodels.inference.objectives`
 as a differentiable loss, and a plain ``torch.optim`` optimizer drives the
-module's own parameters (no Pyro param store). Gradients are those of the
+program's parameters: the module's own and those its ``pyro.param`` sites
+create (:class:`~ppl_genmodels.programs.Program`). Gradients are those of the
 loss averaged over the datapoints of a minibatch.
 
 :func:`fit` reads as its three steps: start a run or resume one
@@ -34,12 +35,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ppl_genmodels import runs
-from ppl_genmodels.config import OPTIMIZERS, ConfigError, RunConfig, build_model, model_spec_string, resolve_device
+from ppl_genmodels.config import (OPTIMIZERS, ConfigError, RunConfig, build_model, is_instance, model_spec_string,
+                                  resolve_device)
 from ppl_genmodels.evaluation import evaluate_run
 from ppl_genmodels.inference.objectives import make_objective
 from ppl_genmodels.plots import plot_run
+from ppl_genmodels.programs import Program
 from ppl_genmodels.runs import Run, load_checkpoint, save_checkpoint, write_csv
-from ppl_genmodels.traces import TraceError, log_weights, max_plate_nesting
+from ppl_genmodels.traces import log_weights, max_plate_nesting
 
 __all__ = ["Trainer", "TrainingDiverged", "fit", "validation_elbo", "rng_state", "set_rng_state"]
 
@@ -116,22 +119,6 @@ class Trainer:
         return value
 
 
-def _check_contract(model, dataset) -> int:
-    """Trace the pair once on a few training points: contract errors surface before any work."""
-    x, y = next(iter(dataset.batches("train", min(8, len(dataset.train.x)))))
-    try:
-        with torch.no_grad(), pyro.validation_enabled(True):
-            log_weights(model.model, model.guide, x, y, num_particles=1, vectorize=False)  # plates, sites
-            nesting = max_plate_nesting(model.model, model.guide, x, y)
-            log_weights(model.model, model.guide, x, y, num_particles=2, nesting=nesting)  # broadcasting
-    except TraceError:
-        raise
-    except Exception as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise TraceError(f"model {type(model).__name__} failed on the data: {type(err).__name__}: {message}") from None
-    return nesting
-
-
 @dataclass
 class _Training:
     """What the epochs share: the run's directory and configuration, data, model, optimizer and progress."""
@@ -139,7 +126,7 @@ class _Training:
     out: Path
     config: RunConfig
     dataset: object
-    net: torch.nn.Module
+    net: Program
     trainer: Trainer
     device: torch.device
     shuffle: torch.Generator
@@ -155,7 +142,8 @@ def _new_config(model, data, out, options: dict) -> tuple[RunConfig, Path]:
     if options.get("data_dir"):
         options["data_dir"] = str(Path(options["data_dir"]).resolve())
     data = str(Path(data).resolve()) if Path(str(data)).suffix in (".npy", ".npz", ".csv") else str(data)
-    config = RunConfig.from_dict({"model": model_spec_string(model), "data": data, **options})
+    config = RunConfig.from_dict({"model": model_spec_string(model), "data": data, **options,
+                                  "model_instance": is_instance(model)})
     if out is None:
         out = Path("runs") / f"{Path(str(data)).stem}-{Path(config.model.split(':')[-1]).stem.lower()}"
     out = Path(out)
@@ -180,15 +168,20 @@ def _resumed_config(out, options: dict) -> tuple[RunConfig, Path]:
     return config, out
 
 
-def _start(config: RunConfig, out: Path, model_class) -> _Training:
-    """Check, load and build everything that can fail before the run directory is written."""
+def _start(config: RunConfig, out: Path, model) -> _Training:
+    """Check, load and build everything that can fail before the run directory is written.
+
+    The pair is traced once on a few training points, so that contract errors
+    surface (and the ``pyro.param`` sites exist for the optimizer) before any work.
+    """
     pyro.set_rng_seed(config.seed)
     config.validate()
     dataset = config.load_data()
-    net = build_model(config, dataset, model_class)
+    net = build_model(config, dataset, model)
     device = resolve_device(config.device)
     dataset, net = dataset.to(device), net.to(device)
-    nesting = _check_contract(net, dataset)
+    x, y = next(iter(dataset.batches("train", min(8, len(dataset.train.x)))))
+    nesting = net.check(x, y)
     objective = make_objective(config.elbo, config.particles, nesting)
     trainer = Trainer(net, objective, OPTIMIZERS[config.optimizer](net.parameters(), lr=config.lr))
     return _Training(out, config, dataset, net, trainer, device, torch.Generator().manual_seed(config.seed))
@@ -197,7 +190,7 @@ def _start(config: RunConfig, out: Path, model_class) -> _Training:
 def _resume(run: _Training) -> None:
     """Restore the model, optimizer, RNG states, counters and metrics of the last checkpoint."""
     state = load_checkpoint(run.out / runs.CHECKPOINT_FILE, map_location="cpu")
-    run.net.load_state_dict(state["model"])
+    run.net.load_state(state)
     run.trainer.optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     run.shuffle.set_state(state["shuffle_rng"])
@@ -232,12 +225,12 @@ def _write_epoch(run: _Training, epoch: int, train_elbo: float, val: float, seco
     run.history.append({"epoch": epoch, "train_elbo": train_elbo, "val_elbo": val, "seconds": seconds})
     if val > run.best_val:
         run.best_val, run.bad_epochs = val, 0
-        save_checkpoint(run.out / runs.BEST_FILE, {"model": run.net.state_dict(), "epoch": epoch, "val_elbo": val})
+        save_checkpoint(run.out / runs.BEST_FILE, {**run.net.state(), "epoch": epoch, "val_elbo": val})
     else:
         run.bad_epochs += 1
     run.stopped_early = bool(run.config.patience) and run.bad_epochs >= run.config.patience
     save_checkpoint(run.out / runs.CHECKPOINT_FILE, {
-        "model": run.net.state_dict(), "optimizer": run.trainer.optimizer.state_dict(), "epoch": epoch,
+        **run.net.state(), "optimizer": run.trainer.optimizer.state_dict(), "epoch": epoch,
         "best_val": run.best_val, "bad_epochs": run.bad_epochs, "stopped_early": run.stopped_early,
         "config": run.config.to_dict(), "rng": rng_state(), "shuffle_rng": run.shuffle.get_state(),
     })
@@ -284,7 +277,8 @@ def fit(
 
     Args:
         model: a registry name (``"vae"``, ``"cvae"``, ``"ppca"``), ``"file.py:ClassName"``,
-            or a model class following the contract.
+            a model class, or an already-built model instance (used as it is; a run
+            trained on an instance is loaded again with ``load_run(out, model=...)``).
         data: a dataset name (``digits``, ``mnist``, ``circle``, ``moons``, ``swiss-roll``)
             or a ``.npy``/``.npz``/``.csv`` file.
         out: the run directory (default ``runs/<data>-<model>``); an existing one is never
@@ -297,9 +291,8 @@ def fit(
         **options: options of :class:`~ppl_genmodels.config.RunConfig`, data options included
             (epochs, lr, batch_size, max_examples, ...).
     """
-    model_class = model if not isinstance(model, str) else None
     config, out = _resumed_config(out, options) if resume else _new_config(model, data, out, options)
-    run = _start(config, out, model_class)
+    run = _start(config, out, None if isinstance(model, str) else model)
     if resume:
         _resume(run)
     else:
@@ -307,7 +300,7 @@ def fit(
     runs.write_config(out, config)
     _epochs(run, progress)
     best = load_checkpoint(out / runs.BEST_FILE, map_location=run.device)
-    run.net.load_state_dict(best["model"])
+    run.net.load_state(best)
     run.net.eval()
     result = Run(out, config, run.net, run.dataset, pd.DataFrame(run.history, columns=METRIC_COLUMNS),
                  int(best["epoch"]), run.device)

@@ -66,6 +66,24 @@ class NoXDim(TinyVAE):
 class Picky(TinyVAE):
     def __init__(self, x_dim, z_dim, hidden=(16,)):
         raise ValueError("hidden must have one layer")
+
+
+class Lookup(TinyVAE):
+    def __init__(self, x_dim, z_dim, hidden=(16,)):
+        {}["missing"]
+
+
+class NeedsWidth(TinyVAE):
+    def __init__(self, x_dim, z_dim, width):
+        super().__init__(x_dim, z_dim, (width,))
+
+
+class NoY(TinyVAE):
+    def model(self, x):
+        super().model(x)
+
+    def guide(self, x):
+        super().guide(x)
 '''
 
 
@@ -241,7 +259,7 @@ def test_model_class_missing(tmp_path):
 
 def test_model_class_without_guide(tmp_path):
     path = _write_user_model(tmp_path)
-    assert "has no guide(x, y=None) method" in _config_error(tmp_path, f"{path}:NoGuide")
+    assert "has no guide(x) method" in _config_error(tmp_path, f"{path}:NoGuide")
 
 
 def test_model_file_that_fails_to_import(tmp_path):
@@ -256,20 +274,29 @@ def test_model_arg_not_accepted(tmp_path):
     assert "no constructor argument 'depth'" in message
 
 
-def test_constructor_without_x_dim(tmp_path):
+def test_an_option_the_constructor_does_not_name_is_refused(tmp_path):
     path = _write_user_model(tmp_path)
-    assert "must accept the constructor argument x_dim" in _config_error(tmp_path, f"{path}:NoXDim")
+    message = _config_error(tmp_path, f"{path}:NoXDim")  # TINY sets hidden, which NoXDim does not take
+    assert "model NoXDim has no constructor argument 'hidden' (from --hidden); its arguments are z_dim, n_inputs" \
+        in message
+
+
+def test_a_required_argument_the_toolkit_cannot_supply(tmp_path):
+    path = _write_user_model(tmp_path)
+    message = _config_error(tmp_path, f"{path}:NeedsWidth", hidden=None)
+    assert "needs the constructor argument 'width'; give it with --model-arg width=VALUE" in message
 
 
 def test_constructor_that_raises(tmp_path):
     path = _write_user_model(tmp_path)
-    assert "cannot build model Picky: hidden must have one layer" in _config_error(tmp_path, f"{path}:Picky")
+    assert "cannot build model Picky: ValueError: hidden must have one layer" in _config_error(tmp_path, f"{path}:Picky")
+    assert "cannot build model Lookup: KeyError: 'missing'" in _config_error(tmp_path, f"{path}:Lookup")
 
 
-def test_conditioned_data_needs_y_dim(tmp_path):
+def test_conditioned_data_needs_a_conditioning_argument(tmp_path):
     path = _write_user_model(tmp_path)
-    message = _config_error(tmp_path, f"{path}:TinyVAE", data="digits", condition="label", max_examples=16)
-    assert "takes no y_dim" in message
+    message = _config_error(tmp_path, f"{path}:NoY", data="digits", condition="label", max_examples=16)
+    assert "data is conditioned (label) but NoY.model takes no conditioning argument" in message
 
 
 # --------------------------------------------------------------------------- #

@@ -300,9 +300,9 @@ def test_nan_loss_stops_training_and_keeps_last_checkpoint(tmp_path, monkeypatch
     def validation(model, dataset, *args, **kwargs):
         value = real_validation(model, dataset, *args, **kwargs)
         epochs_seen.append(value)
-        snapshots[len(epochs_seen)] = copy.deepcopy(model.state_dict())
+        snapshots[len(epochs_seen)] = copy.deepcopy(model.module.state_dict())
         if len(epochs_seen) == 2:
-            model.poison = True  # the first step of epoch 3 gives a NaN loss
+            model.module.poison = True  # the first step of epoch 3 gives a NaN loss
         return value
 
     def save(path, payload):
