@@ -10,8 +10,8 @@ Options
 name, one :class:`DataOptions` (a frozen dataclass holding every other data
 option: ``data_dir``, ``likelihood``, ``binarize``, ``condition``,
 ``visible_quadrants``, ``val_fraction``, ``test_fraction``, ``n_samples``,
-``noise``, ``max_examples``) and the seed. DataOptions fields may also be given
-as keywords, alone (``load_dataset("digits", likelihood="gaussian")``) or
+``noise``, ``max_examples``, ``num_classes``, ``standardize``) and the seed.
+DataOptions fields may also be given as keywords, alone (``load_dataset("digits", likelihood="gaussian")``) or
 overriding the matching fields of ``options``. Each field carries a one-line
 ``metadata["help"]`` (and ``metadata["choices"]`` where the values form a fixed
 list), from which a command line can be generated.
@@ -30,6 +30,9 @@ Sources
     curve is kept in ``meta["true_manifold"]`` for plots.
 a path ending in ``.npy``, ``.npz`` or ``.csv``
     The user's own array ``x [n, D]`` (``.npz`` may add integer labels ``y [n]``).
+    A ``.csv`` is comma-separated numbers, every line with as many fields as
+    the first (a first line that is not all numbers is a header); a ragged
+    line, an empty or non-numeric cell is refused naming its line and column.
 
 Likelihoods and binarization
 ----------------------------
@@ -66,16 +69,47 @@ visible pixels and ``x`` the hidden ones. ``meta["y_pixels"]`` and
 full image, so plots can reassemble whole images
 (:func:`ppl_genmodels.plots.assemble_quadrant_images`).
 
-Every problem with the input (missing or corrupt files, NaNs, wrong shapes,
-values that do not fit the likelihood, inconsistent options) raises
-:class:`DataError` with a one-line message before anything is returned.
+Labels
+------
+Class labels (digits, the MNIST label files, ``y`` of an ``.npz``) are used by
+``condition="label"`` and kept in :attr:`Split.labels` for colouring plots.
+They must be integers ``0..C-1`` with every class present (``C`` is then the
+number of classes); labels 0..9 plus a stray 57 are refused, naming the 57,
+rather than read as 58 classes. ``num_classes`` declares ``C`` instead: labels
+may then be any integers ``0..num_classes-1``, some classes absent (digits and
+mnist have ``num_classes=10`` by default). Negative, non-integer (2.5), NaN or
+infinite labels are refused.
+
+Value scale and standardization
+-------------------------------
+Models compute in float32, and a Gaussian log-density sums the squares of a
+row's ``D`` values: every value must satisfy ``|x| <= sqrt(float32 max / D)``
+(about ``1.8e19 / sqrt(D)``), or the data are refused with a hint to
+standardize. ``standardize=True`` (real-valued data, likelihood "gaussian",
+only) subtracts the training split's mean and divides by its standard
+deviation, per dimension (a constant dimension keeps std 1), and applies the
+same transform to the validation and test splits (and to
+``meta["true_manifold"]``); ``meta["mean"]`` and ``meta["std"]`` hold the two
+as lists, in the units the data had before (for digits and mnist: intensities
+in [0, 1]), so ``x_raw = x * std + mean``. The scale rule is checked after
+standardizing; a mean or std beyond the float32 range is refused. Log
+densities of standardized data are in standardized units:
+``log p(x_raw) = log p(x) - sum_d log std_d``.
+
+Every problem with the input (missing or corrupt files, NaNs and infinities,
+ragged or non-numeric CSV lines, wrong shapes, bad labels, values too large
+for float32, values that do not fit the likelihood, inconsistent options)
+raises :class:`DataError` with a one-line message naming the file, the line,
+row or column, and the value, before anything is returned.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import gzip
+import io
 import math
 import os
 import struct
@@ -126,6 +160,10 @@ _MNIST_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_MAX_LEVELS = 2 ** 24                 # float32 integers are exact below this
+_MAX_CLASSES = 2 ** 31 - 1
+
 _IDX_TYPES = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "int16",
               0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
 
@@ -158,6 +196,16 @@ class DataError(ValueError):
 # Options
 # --------------------------------------------------------------------------- #
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def boolean(text: str) -> bool:
+    """``true``/``yes``/``on``/``1`` -> True, ``false``/``no``/``off``/``0`` -> False (command-line parser)."""
+    word = str(text).strip().lower()
+    if word in _TRUE + _FALSE:
+        return word in _TRUE
+    raise ValueError(f"expected true or false, got {text!r}")
+
 
 @dataclass(frozen=True)
 class DataOptions:
@@ -167,8 +215,15 @@ class DataOptions:
     :class:`DataError` for a bad one. Each field's ``metadata["help"]`` is a
     one-line command-line help text (without the default, which a generator
     appends); ``metadata["choices"]`` is the tuple of allowed values for
-    ``likelihood``, ``binarize`` and ``condition``. ``data_dir`` may also be a
-    :class:`os.PathLike`.
+    ``likelihood``, ``binarize`` and ``condition``; ``standardize`` adds the
+    ``parse`` (text -> bool, :func:`boolean`) and ``metavar`` keys of
+    :func:`ppl_genmodels.config.option`, so its flag reads ``--standardize true``.
+    ``data_dir`` may also be a :class:`os.PathLike`.
+
+    ``num_classes``: the number of label classes (see "Labels" in the module
+    docstring). ``standardize``: real-valued data only; the log densities of a
+    model fitted to standardized data are in standardized units (see "Value
+    scale and standardization").
     """
 
     data_dir: str | None = field(default=None, metadata={
@@ -193,6 +248,12 @@ class DataOptions:
         "help": "noise level for synthetic 2-D data (default 0.05)"})
     max_examples: int | None = field(default=None, metadata={
         "help": "cap every split at this many examples (quick runs)"})
+    num_classes: int | None = field(default=None, metadata={
+        "help": "number of classes: labels may be 0..num_classes-1 with some classes absent "
+                "(default: labels must be 0..C-1 with every class present; 10 for digits and mnist)"})
+    standardize: bool = field(default=False, metadata={
+        "help": "for real-valued data: subtract the training split's mean and divide by its "
+                "standard deviation, per dimension", "parse": boolean, "metavar": "{true,false}"})
 
 
 _OPTION_NAMES = tuple(f.name for f in dataclasses.fields(DataOptions))
@@ -245,7 +306,10 @@ class Dataset:
     ``meta``: free-form extras: ``source`` (where the data came from; digits,
     mnist and user files), ``true_manifold``, ``noise`` and ``n_samples``
     (synthetic data), ``x_pixels``, ``y_pixels`` and ``visible_quadrants``
-    (quadrants).
+    (quadrants), ``mean`` and ``std`` (lists of ``x_dim`` floats: the training
+    split's statistics that ``standardize=True`` removed; ``x * std + mean``
+    maps back, and log p(x) of the raw data is log p(x) here minus
+    ``sum(log std)``).
     """
 
     name: str
@@ -339,6 +403,8 @@ class Dataset:
         }
         if self.condition == "quadrants":
             out["visible_quadrants"] = self.meta.get("visible_quadrants")
+        if "std" in self.meta:
+            out["standardize"] = True
         return out
 
 
@@ -594,60 +660,175 @@ def _as_numeric(arr: np.ndarray, where: str, what: str) -> np.ndarray:
     return arr.astype(np.float64)
 
 
+def _value_text(v) -> str:
+    """A label or value for a message: integers without a decimal point, floats short."""
+    v = v.item() if isinstance(v, np.generic) else v
+    if isinstance(v, float) and math.isfinite(v) and v == round(v) and abs(v) < 1e15:
+        return str(int(v))
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _values_text(values, limit: int = 5) -> str:
+    """Up to ``limit`` values, then how many there are in all."""
+    values = list(values)
+    shown = ", ".join(_value_text(v) for v in values[:limit])
+    return shown if len(values) <= limit else f"{shown}, ... ({len(values)} distinct values)"
+
+
 def _check_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
+    """Labels ``y [n]`` that are integers >= 0 (floats holding integers allowed), in their own dtype.
+
+    Whether they number the classes 0..C-1 is :func:`_check_classes`' part.
+    """
     if y.ndim != 1:
         raise DataError(f"{where}: y has shape {tuple(y.shape)}; expected integer labels [n]")
     if y.shape[0] != n:
         raise DataError(f"{where}: y has {y.shape[0]} labels but x has {n} rows; counts must match")
     if y.dtype == bool or not (np.issubdtype(y.dtype, np.integer)
                                or np.issubdtype(y.dtype, np.floating)):
-        raise DataError(f"{where}: labels out of range: y has dtype {y.dtype}; "
-                        "expected integers >= 0")
-    yf = y.astype(np.float64)
-    bad = ~np.isfinite(yf) | (yf != np.round(yf)) | (yf < 0)
-    if bad.any():
-        first = y[np.flatnonzero(bad)[0]]
-        raise DataError(f"{where}: labels out of range: {int(bad.sum())} labels are not "
-                        f"integers >= 0 (e.g. {first!r}); expected integers 0..n_classes-1")
-    return yf.astype(np.int64)
+        raise DataError(f"{where}: labels y have dtype {y.dtype}; expected integer class labels 0..C-1")
+    checks = [(np.isnan, "NaN"), (np.isinf, "infinite"),
+              (lambda v: v != np.round(v), "not an integer"), (lambda v: v < 0, "negative")]
+    if np.issubdtype(y.dtype, np.integer):
+        checks = checks[3:]
+    for test, what in checks:
+        bad = test(y)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{where}: label y[{i}] = {_value_text(y[i])} is {what} ({int(bad.sum())} "
+                            f"such label{'s' if bad.sum() > 1 else ''}); expected integer class labels 0..C-1")
+    return y
+
+
+def _missing_classes(present: list[int], limit: int = 3) -> str:
+    """The gaps in the sorted distinct labels ``present``, as ranges ("10..56")."""
+    gaps, previous = [], -1
+    for label in present:
+        if label > previous + 1:
+            gaps.append(str(previous + 1) if label == previous + 2 else f"{previous + 1}..{label - 1}")
+            if len(gaps) > limit:
+                break
+        previous = label
+    return ", ".join(gaps[:limit]) + (", ..." if len(gaps) > limit else "")
+
+
+def _check_classes(y: np.ndarray, where: str, num_classes: int | None) -> tuple[np.ndarray, int]:
+    """``(labels as int64, number of classes)`` for labels passed by :func:`_check_labels`.
+
+    With ``num_classes`` the labels must lie in 0..num_classes-1; without it
+    they must be exactly the integers 0..C-1, every class present.
+    """
+    if y.size == 0:
+        return y.astype(np.int64), num_classes or 0
+    if num_classes is not None:
+        over = y >= num_classes
+        if over.any():
+            i, values, count = int(np.flatnonzero(over)[0]), np.unique(y[over]), int(over.sum())
+            raise DataError(f"{where}: label{'s' if values.size > 1 else ''} {_values_text(values)} out of "
+                            f"range for num_classes={num_classes} ({count} label{'s' if count > 1 else ''}, "
+                            f"first y[{i}] = {_value_text(y[i])}); expected labels 0..{num_classes - 1}")
+        return y.astype(np.int64), num_classes
+    present = np.unique(y)
+    if present[-1] != present.size - 1:          # distinct integers >= 0: contiguous from 0 iff this holds
+        first_gap = int(np.flatnonzero(present != np.arange(present.size))[0])
+        stray = present[first_gap:]
+        labels = [int(v) for v in present]
+        several = labels[-1] + 1 - len(labels) > 1
+        raise DataError(f"{where}: labels must be the integers 0..C-1 with every class present, but "
+                        f"class{'es' if several else ''} {_missing_classes(labels)} "
+                        f"{'have' if several else 'has'} no examples while label"
+                        f"{'s' if stray.size > 1 else ''} {_values_text(stray)} "
+                        f"{'are' if stray.size > 1 else 'is'} used; relabel the classes 0..{present.size - 1}, "
+                        f"or pass num_classes >= {_value_text(present[-1].item() + 1)} to allow absent classes")
+    return y.astype(np.int64), int(present.size)
+
+
+def _csv_number(text: str) -> float | None:
+    """A cell's value: NaN for an empty cell, None when it is not a number."""
+    if text == "":
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _csv_records(path: Path) -> list[tuple[int, list[str]]]:
+    """The non-blank records of a CSV file: ``(line number, stripped cells)``, lines counted from 1."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err}); expected a comma-separated numeric table") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read file ({err})") from None
+    reader = csv.reader(io.StringIO(text), skipinitialspace=True)
+    records, line = [], 0
+    try:
+        for record in reader:
+            start, line = line + 1, reader.line_num
+            cells = [cell.strip() for cell in record]
+            if len(cells) > 1 or (cells and cells[0]):
+                records.append((start, cells))
+    except csv.Error as err:
+        raise DataError(f"{path} line {reader.line_num}: cannot parse as CSV ({err})") from None
+    return records
+
+
+def _csv_bad_cell(path: Path, rows: list[tuple[int, list[str]]]) -> DataError:
+    """The error for the first cell of ``rows`` that is empty, not a number, or not finite."""
+    for line, cells in rows:
+        for column, cell in enumerate(cells, start=1):
+            value = _csv_number(cell)
+            if cell == "":
+                return DataError(f"{path} line {line}, column {column} is empty (a missing value); "
+                                 "expected a number in every cell")
+            if value is None:
+                return DataError(f"{path} line {line}, column {column}: non-numeric value {cell!r}; "
+                                 "expected a numeric table (only the first line may be a header)")
+            if not math.isfinite(value):
+                return DataError(f"{path} line {line}, column {column}: value {cell!r} is not finite; "
+                                 "expected finite numbers")
+    return DataError(f"{path}: cannot read as a numeric table")  # pragma: no cover - callers checked
 
 
 def _read_csv(path: Path) -> np.ndarray:
-    """A comma-separated numeric table [n, D]; empty cells become NaN.
+    """A comma-separated numeric table [n, D].
 
-    The first row is taken as a header (and skipped) when any of its cells is
-    not a number; a header made only of numbers is read as data.
+    The first non-blank line is a header (and skipped) when any of its cells is
+    not a number; a header made only of numbers is read as data. Every line
+    must have as many fields as the first; blank lines are skipped. A ragged
+    line, an empty, non-numeric or non-finite cell raises :class:`DataError`
+    naming its line (and column) in the file.
     """
-    import pandas as pd
-
+    records = _csv_records(path)
+    if not records:
+        raise DataError(f"{path}: empty data: the file has no rows; expected a numeric table")
+    first_line, first = records[0]
+    header = any(_csv_number(cell) is None for cell in first)
+    rows = records[1:] if header else records
+    if not rows:
+        raise DataError(f"{path}: empty data: only a header (line {first_line}) and no data rows; "
+                        "expected a numeric table")
+    for line, cells in rows:
+        if len(cells) != len(first):
+            raise DataError(f"{path} line {line} has {len(cells)} field{'s' if len(cells) != 1 else ''}, "
+                            f"expected {len(first)} (as in the {'header' if header else 'first row'}, "
+                            f"line {first_line})")
     try:
-        table = pd.read_csv(path, header=None, dtype=str, keep_default_na=False,
-                            skipinitialspace=True, skip_blank_lines=True)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: empty data: the file has no rows; expected a numeric table") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
-        raise DataError(f"{path}: cannot parse as CSV ({err})") from None
-    cells = table.to_numpy(dtype=object)
-
-    def parse(cell) -> float | None:
-        text = str(cell).strip()
-        if text == "":
-            return math.nan
-        try:
-            return float(text)
-        except ValueError:
-            return None
-
-    if cells.shape[0] and any(parse(c) is None for c in cells[0]):
-        cells = cells[1:]          # a header row
-    out = np.empty(cells.shape, dtype=np.float64)
-    for (r, c), cell in np.ndenumerate(cells):
-        value = parse(cell)
-        if value is None:
-            raise DataError(f"{path}: non-numeric value {str(cell)!r} in data row {r + 1}, "
-                            f"column {c + 1}; expected a numeric table (one header row allowed)")
-        out[r, c] = value
+        out = np.array([cells for _, cells in rows], dtype=np.float64)
+    except ValueError:
+        raise _csv_bad_cell(path, rows) from None
+    if not np.isfinite(out).all():
+        raise _csv_bad_cell(path, rows)
     return out
+
+
+def _npz_array(archive, key: str, where: str, what: str) -> np.ndarray:
+    """One array of an open .npz archive; an unreadable one (e.g. pickled objects) is named."""
+    try:
+        return archive[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"{where}: cannot read {what} {key!r} ({err}); expected a numeric array") from None
 
 
 def _load_user_file(path: Path) -> _Source:
@@ -666,8 +847,8 @@ def _load_user_file(path: Path) -> _Source:
                 if "x" not in keys:
                     raise DataError(f"{where}: no array named 'x' (found: {', '.join(keys) or 'none'}); "
                                     "expected x [n, D] and optional integer labels y [n]")
-                x = archive["x"]
-                labels = archive["y"] if "y" in keys else None
+                x = _npz_array(archive, "x", where, "the data")
+                labels = _npz_array(archive, "y", where, "the labels") if "y" in keys else None
         except DataError:
             raise
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
@@ -694,14 +875,11 @@ def _check_finite(x: np.ndarray, where: str) -> None:
         raise DataError(f"{where}: empty data: x has 0 rows; expected at least one example")
     if x.shape[1] == 0:
         raise DataError(f"{where}: x has 0 columns; expected [n, D] with D >= 1")
-    n_nan = int(np.isnan(x).sum())
-    if n_nan:
-        raise DataError(f"{where}: x contains {n_nan} NaN values; expected finite numbers")
-    n_inf = int(np.isinf(x).sum())
-    if n_inf:
-        raise DataError(f"{where}: x contains {n_inf} inf values; expected finite numbers")
-    if np.abs(x).max() > np.finfo(np.float32).max:
-        raise DataError(f"{where}: x has values beyond the float32 range; expected finite float32")
+    for bad, what in ((np.isnan(x), "NaN"), (np.isinf(x), "inf")):
+        if bad.any():
+            row, col = (int(i) for i in np.argwhere(bad)[0])
+            raise DataError(f"{where}: x contains {int(bad.sum())} {what} values (first x[{row}, {col}] = "
+                            f"{x[row, col]}); expected finite numbers")
 
 
 def _check_user_values(x: np.ndarray, where: str, likelihood: str, binarize: str | None) -> int | None:
@@ -729,6 +907,10 @@ def _check_user_values(x: np.ndarray, where: str, likelihood: str, binarize: str
             raise DataError(f"{where}: data for a categorical likelihood must be non-negative "
                             f"integer levels; found values in {rng}"
                             + ("" if lo < 0 else " that are not all integers"))
+        if hi >= _MAX_LEVELS:
+            raise DataError(f"{where}: data for a categorical likelihood has levels up to {hi:.4g}; "
+                            f"float32 holds integers exactly only below {_MAX_LEVELS}, and each level "
+                            "is one category; expected a modest number of levels")
         return int(hi) + 1
     return None
 
@@ -740,9 +922,11 @@ def _check_fraction(value, what: str) -> float:
     return float(value)
 
 
-def _check_int(value, what: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise DataError(f"{what} must be an integer >= {low}, got {value!r}")
+def _check_int(value, what: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low \
+            or (high is not None and value > high):
+        limits = f">= {low}" if high is None else f"in {low}..{high}"
+        raise DataError(f"{what} must be an integer {limits}, got {value!r}")
     return int(value)
 
 
@@ -771,14 +955,84 @@ def _cap(idx: np.ndarray, max_examples: int | None) -> np.ndarray:
     return np.sort(idx)
 
 
+def _standardization(r: "_Resolved", sources: tuple[_Source, ...], scale: float,
+                     parts: dict[str, tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(mean, std)`` per dimension of the training split (after ``scale``) when standardizing, else None.
+
+    A constant dimension (std 0) keeps std 1; a mean or std beyond the float32 range is refused.
+    """
+    if not r.options.standardize:
+        return None
+    src_id, idx = parts["train"]
+    x = sources[src_id].x[idx].astype(np.float64) / scale
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, std = x.mean(axis=0), x.std(axis=0)
+    std[(x.max(axis=0) == x.min(axis=0)) | (std == 0.0)] = 1.0      # constant (or underflowing) dimensions
+    for what, values in (("mean", mean), ("standard deviation", std)):
+        bad = ~(np.abs(values) <= _FLOAT32_MAX)          # NaN and inf included
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{sources[src_id].where}: standardize: the training split's {what} of column {j} "
+                            f"is {values[j]:.3g}, beyond the float32 range (max {_FLOAT32_MAX:.3g}); "
+                            "rescale the data (divide it by a large constant) first")
+    return mean, std
+
+
+def _check_scale(sources: tuple[_Source, ...], scale: float,
+                 stats: tuple[np.ndarray, np.ndarray] | None) -> None:
+    """Refuse values (standardized, when ``stats`` are given) whose squares summed over a row overflow float32.
+
+    A Gaussian log-density sums ``x_d ** 2`` over the ``D`` values of a row, so
+    every value must satisfy ``|x| <= sqrt(float32 max / D)``.
+    """
+    dim = sources[0].x.shape[1]
+    limit = math.sqrt(_FLOAT32_MAX / dim)
+    mean, std = stats if stats is not None else (0.0, 1.0)
+    for src in sources:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            hi = src.x.max(axis=0).astype(np.float64) / scale
+            lo = src.x.min(axis=0).astype(np.float64) / scale
+            far = np.maximum(np.abs(hi - mean), np.abs(lo - mean)) / std   # [D], in standardized units
+        if not (far <= limit).all():
+            j = int(np.flatnonzero(~(far <= limit))[0])
+            raise _scale_error(src, scale, stats, j, limit)
+
+
+def _scale_error(src: _Source, scale: float, stats: tuple[np.ndarray, np.ndarray] | None,
+                 j: int, limit: float) -> DataError:
+    """The one-line error for the most extreme value of column ``j`` of ``src``."""
+    dim = src.x.shape[1]
+    column = src.x[:, j].astype(np.float64) / scale
+    center = 0.0 if stats is None else stats[0][j]
+    with np.errstate(over="ignore", invalid="ignore"):
+        row = int(np.argmax(np.abs(column - center)))
+    overflow = (f"a Gaussian log-density sums the squares of a row's {dim} values, which overflows float32 "
+                f"unless every |x| <= {limit:.3g}")
+    if stats is None:
+        return DataError(f"{src.where}: x[{row}, {j}] = {column[row]:.3g} is too large for float32: {overflow}; "
+                         "pass standardize=True (--standardize true) to subtract the training split's mean "
+                         "and divide by its standard deviation, or rescale the data")
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        far = abs(column[row] - center) / stats[1][j]
+    return DataError(f"{src.where}: x[{row}, {j}] = {column[row]:.3g} lies {far:.3g} standard deviations "
+                     f"(std {stats[1][j]:.3g}) from the training split's mean {center:.3g} of column {j}, "
+                     f"too far even after standardize: {overflow}; rescale the data or drop the outlier")
+
+
 def _build_split(source: _Source, idx: np.ndarray, *, split: str, scale: float,
                  binarize: str | None, seed: int, condition: str | None,
-                 pixels: tuple[list[int], list[int]] | None, n_classes: int | None) -> Split:
+                 pixels: tuple[list[int], list[int]] | None, n_classes: int | None,
+                 stats: tuple[np.ndarray, np.ndarray] | None = None) -> Split:
     """The ``split`` made of rows ``idx`` of ``source``: float32, divided by ``scale``,
-    binarized as ``binarize`` asks (seeded per split), conditioned as ``condition`` asks."""
-    x = torch.from_numpy(np.ascontiguousarray(source.x[idx], dtype=np.float32))
-    if scale != 1.0:
-        x = x / scale
+    standardized with ``stats`` (mean, std) when given, binarized as ``binarize``
+    asks (seeded per split), conditioned as ``condition`` asks."""
+    if stats is None:
+        x = torch.from_numpy(np.ascontiguousarray(source.x[idx], dtype=np.float32))
+        if scale != 1.0:
+            x = x / scale
+    else:
+        mean, std = stats
+        x = torch.from_numpy(((source.x[idx].astype(np.float64) / scale - mean) / std).astype(np.float32))
     if binarize == "threshold":
         x = (x > 0.5).to(torch.float32)
     elif binarize == "fixed" or (binarize == "dynamic" and split != "train"):
@@ -904,9 +1158,24 @@ def _resolve_synthetic(key: str | None, label: str, likelihood: str, condition: 
     return n_samples, float(noise)
 
 
+def _check_standardize(standardize, label: str, likelihood: str) -> bool:
+    """``standardize`` as a bool; only real-valued data (likelihood "gaussian") may be standardized."""
+    if not isinstance(standardize, (bool, np.bool_)):
+        raise DataError(f"standardize must be True or False, got {standardize!r}")
+    if standardize and likelihood != "gaussian":
+        kind = "0/1 values" if likelihood == "bernoulli" else "integer levels"
+        raise DataError(f"{label}: standardize=True applies only to real-valued data (likelihood='gaussian'); "
+                        f"likelihood={likelihood!r} needs its {kind} as they are")
+    return bool(standardize)
+
+
 def _check_dataset_fit(key: str | None, label: str, likelihood: str,
-                       condition: str | None) -> None:
-    """Reject likelihood/condition pairs the dataset cannot serve (mnist, quadrants)."""
+                       condition: str | None, num_classes: int | None) -> None:
+    """Reject likelihood/condition pairs the dataset cannot serve (mnist, quadrants), and
+    ``num_classes`` for synthetic data (which has no labels)."""
+    if key in _SYNTHETIC and num_classes is not None:
+        raise DataError(f"{key}: num_classes={num_classes} applies only to data with labels, "
+                        f"and {key} has none")
     if key == "mnist" and likelihood == "categorical":
         raise DataError("mnist: likelihood='categorical' is not supported; "
                         "expected 'bernoulli' or 'gaussian'")
@@ -934,18 +1203,31 @@ def _resolve(name, options, fields: dict, seed) -> _Resolved:
         max_examples = _check_int(max_examples, "max_examples", 1)
     n_samples, noise = _resolve_synthetic(key, label, likelihood, condition,
                                           opts.n_samples, opts.noise)
-    _check_dataset_fit(key, label, likelihood, condition)
+    num_classes = opts.num_classes
+    if num_classes is not None:
+        num_classes = _check_int(num_classes, "num_classes", 1, _MAX_CLASSES)
+    standardize = _check_standardize(opts.standardize, label, likelihood)
+    _check_dataset_fit(key, label, likelihood, condition, num_classes)
     options = dataclasses.replace(
         opts, likelihood=likelihood, binarize=binarize, condition=condition, visible_quadrants=visible_quadrants,
         val_fraction=val_fraction, test_fraction=test_fraction, max_examples=max_examples, n_samples=n_samples,
-        noise=noise)
+        noise=noise, num_classes=num_classes, standardize=standardize)
     return _Resolved(key=key, user_path=user_path, label=label, seed=seed, options=options)
+
+
+def _digit_classes(r: _Resolved, sources: tuple[_Source, ...]) -> int:
+    """The number of classes of digit labels 0..9: ``num_classes`` (checked against them), else 10."""
+    num_classes = 10 if r.options.num_classes is None else r.options.num_classes
+    for src in sources:
+        src.labels, _ = _check_classes(src.labels, src.where, num_classes)
+    return num_classes
 
 
 def _read_digits(r: _Resolved) -> _Loaded:
     """scikit-learn's digits: grey levels 0..16, kept as levels for "categorical"."""
     categorical = r.options.likelihood == "categorical"
-    return _Loaded(sources=(_load_digits(),), image_shape=(8, 8), n_classes=10,
+    src = _load_digits()
+    return _Loaded(sources=(src,), image_shape=(8, 8), n_classes=_digit_classes(r, (src,)),
                    n_levels=17 if categorical else None, scale=1.0 if categorical else 16.0,
                    meta={"source": "sklearn.datasets.load_digits"})
 
@@ -953,7 +1235,8 @@ def _read_digits(r: _Resolved) -> _Loaded:
 def _read_mnist(r: _Resolved) -> _Loaded:
     """The MNIST training and t10k files in ``data_dir``, bytes scaled by 255."""
     train_src, test_src, image_shape = _load_mnist(r.options.data_dir)
-    return _Loaded(sources=(train_src, test_src), image_shape=image_shape, n_classes=10,
+    return _Loaded(sources=(train_src, test_src), image_shape=image_shape,
+                   n_classes=_digit_classes(r, (train_src, test_src)),
                    scale=255.0, meta={"source": {"train": train_src.where, "test": test_src.where}})
 
 
@@ -970,7 +1253,9 @@ def _read_user(r: _Resolved) -> _Loaded:
     src = _load_user_file(r.user_path)
     _check_finite(src.x, src.where)
     n_levels = _check_user_values(src.x, src.where, r.options.likelihood, r.options.binarize)
-    n_classes = None if src.labels is None else int(src.labels.max()) + 1
+    n_classes = None
+    if src.labels is not None:
+        src.labels, n_classes = _check_classes(src.labels, src.where, r.options.num_classes)
     return _Loaded(sources=(src,), n_classes=n_classes, n_levels=n_levels,
                    meta={"source": src.where})
 
@@ -988,6 +1273,9 @@ def _read_sources(r: _Resolved) -> _Loaded:
     if r.options.condition == "label" and loaded.sources[0].labels is None:
         raise DataError(f"{r.label}: condition='label' needs labels but the data has none "
                         "(an .npz file with integer labels 'y' has them)")
+    if r.options.num_classes is not None and loaded.sources[0].labels is None:
+        raise DataError(f"{r.label}: num_classes={r.options.num_classes} applies only to data with labels, "
+                        "but the data has none (an .npz file with integer labels 'y' has them)")
     return loaded
 
 
@@ -1023,19 +1311,28 @@ def _prepare_splits(r: _Resolved, loaded: _Loaded) -> tuple[dict[str, Split], di
     """Step 3: split, cap, scale, binarize and condition; returns the splits and the meta.
 
     The meta is ``loaded.meta`` plus, for quadrants, ``x_pixels``, ``y_pixels``
-    and ``visible_quadrants``.
+    and ``visible_quadrants``, and with ``standardize`` the training split's
+    ``mean`` and ``std`` (``true_manifold`` standardized alike). The value
+    scale is checked (after standardizing) before any split is built.
     """
-    parts = _split_indices(r, loaded.sources)
+    parts = {split: (src_id, _cap(idx, r.options.max_examples))
+             for split, (src_id, idx) in _split_indices(r, loaded.sources).items()}
+    stats = _standardization(r, loaded.sources, loaded.scale, parts)
+    _check_scale(loaded.sources, loaded.scale, stats)
     meta = dict(loaded.meta)
+    if stats is not None:
+        meta["mean"], meta["std"] = stats[0].tolist(), stats[1].tolist()
+        if "true_manifold" in meta:
+            meta["true_manifold"] = (meta["true_manifold"] - stats[0]) / stats[1]
     pixels = None
     if r.options.condition == "quadrants":
         pixels = quadrant_pixels(loaded.image_shape, r.options.visible_quadrants)
         meta["x_pixels"], meta["y_pixels"] = pixels
         meta["visible_quadrants"] = r.options.visible_quadrants
     splits = {
-        split: _build_split(loaded.sources[src_id], _cap(idx, r.options.max_examples), split=split,
-                            scale=loaded.scale, binarize=r.options.binarize, seed=r.seed,
-                            condition=r.options.condition, pixels=pixels, n_classes=loaded.n_classes)
+        split: _build_split(loaded.sources[src_id], idx, split=split, scale=loaded.scale,
+                            binarize=r.options.binarize, seed=r.seed, condition=r.options.condition,
+                            pixels=pixels, n_classes=loaded.n_classes, stats=stats)
         for split, (src_id, idx) in parts.items()
     }
     return splits, meta
@@ -1060,7 +1357,15 @@ def load_dataset(name: str | os.PathLike, options: DataOptions | None = None, *,
     split is the t10k file). ``n_samples`` and ``noise`` (standard deviation in
     the units of the returned points) apply to the synthetic datasets only.
     ``max_examples`` caps every split (a seeded random subset of train/val; the
-    first rows of the mnist t10k file for test).
+    first rows of the mnist t10k file for test). ``num_classes`` allows labels
+    0..num_classes-1 with classes absent (without it, labels must be 0..C-1,
+    every class present). ``standardize`` (likelihood "gaussian" only)
+    subtracts the (capped) training split's per-dimension mean and divides by
+    its std, in every split, and records both in ``meta["mean"]`` and
+    ``meta["std"]``; log p(x) is then in standardized units, which differ from
+    the raw data's log density by ``sum(log std)``. Values must stay within
+    ``sqrt(float32 max / D)`` (after standardizing) so that squares summed over
+    a row do not overflow float32.
 
     Raises :class:`DataError` (one line) for an unknown keyword, an ``options``
     that is not a DataOptions, or any bad option or bad data.

@@ -540,9 +540,9 @@ def test_npz_with_labels(tmp_path):
     assert ds.n_classes == 5 and ds.y_dim == 5
     assert torch.equal(ds.train.y.argmax(1), torch.from_numpy(y[ds.train.index.numpy()]))
     np.savez(tmp_path / "neg.npz", x=x, y=y - 2)
-    raises_one_line("labels out of range", load_dataset, str(tmp_path / "neg.npz"))
+    raises_one_line("is negative", load_dataset, str(tmp_path / "neg.npz"))
     np.savez(tmp_path / "float.npz", x=x, y=y + 0.5)
-    raises_one_line("labels out of range", load_dataset, str(tmp_path / "float.npz"))
+    raises_one_line("is not an integer", load_dataset, str(tmp_path / "float.npz"))
     np.savez(tmp_path / "short.npz", x=x, y=y[:-1])
     raises_one_line("counts must match", load_dataset, str(tmp_path / "short.npz"))
     np.savez(tmp_path / "nox.npz", data=x)
@@ -564,7 +564,7 @@ def test_csv_with_and_without_header(tmp_path):
     (tmp_path / "word.csv").write_text("a,b\n1,2\n3,oops\n")
     raises_one_line("non-numeric value 'oops'", load_dataset, str(tmp_path / "word.csv"))
     (tmp_path / "hole.csv").write_text("1,2\n3,\n5,6\n7,8\n9,10\n")
-    raises_one_line("1 NaN values", load_dataset, str(tmp_path / "hole.csv"))
+    raises_one_line("hole.csv line 2, column 2 is empty", load_dataset, str(tmp_path / "hole.csv"))
     (tmp_path / "blank.csv").write_text("")
     raises_one_line("empty", load_dataset, str(tmp_path / "blank.csv"))
     (tmp_path / "onlyhead.csv").write_text("a,b\n")
@@ -625,9 +625,10 @@ def test_data_options_defaults_and_frozen():
     opts = DataOptions()
     assert [f.name for f in dataclasses.fields(DataOptions)] == [
         "data_dir", "likelihood", "binarize", "condition", "visible_quadrants",
-        "val_fraction", "test_fraction", "n_samples", "noise", "max_examples"]
+        "val_fraction", "test_fraction", "n_samples", "noise", "max_examples", "num_classes", "standardize"]
     assert (opts.visible_quadrants, opts.val_fraction, opts.test_fraction) == (1, 0.1, 0.1)
     assert opts.likelihood is None and opts.max_examples is None and opts.data_dir is None
+    assert opts.num_classes is None and opts.standardize is False
     with pytest.raises(dataclasses.FrozenInstanceError):
         opts.likelihood = "gaussian"
 
@@ -693,3 +694,266 @@ def test_unknown_keyword_is_a_data_error():
 def test_wrong_options_type_is_a_data_error(bad):
     msg = raises_one_line("options must be a DataOptions", load_dataset, "digits", bad)
     assert type(bad).__name__ in msg
+
+
+# --------------------------------------------------------------------------- #
+# hardening: ragged CSV, labels, value scale, standardize
+# --------------------------------------------------------------------------- #
+
+
+def write_csv(path: Path, rows, header: str | None = None) -> Path:
+    lines = ([header] if header else []) + [",".join(str(v) for v in row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_csv_ragged_line_is_named(tmp_path):
+    rows = [[i, i + 1, i + 2, i + 3] for i in range(10)]
+    longer = [list(r) for r in rows]
+    longer[5].append(99)                                   # data row 6 = line 7 after the header
+    path = write_csv(tmp_path / "data.csv", longer, header="a,b,c,d")
+    msg = raises_one_line("data.csv line 7 has 5 fields, expected 4", load_dataset, str(path))
+    assert "NaN" not in msg and "header" in msg
+    shorter = [list(r) for r in rows]
+    shorter[2] = shorter[2][:3]                            # no header: line 3
+    raises_one_line("data.csv line 3 has 3 fields, expected 4", load_dataset,
+                    str(write_csv(tmp_path / "data.csv", shorter)))
+    # blank lines are skipped but still counted
+    (tmp_path / "blank.csv").write_text("1,2\n\n3,4\n\n5\n")
+    raises_one_line("blank.csv line 5 has 1 field, expected 2", load_dataset, str(tmp_path / "blank.csv"))
+
+
+@pytest.mark.parametrize("cell, match", [
+    ("oops", "line 4, column 2: non-numeric value 'oops'"),
+    ("", "line 4, column 2 is empty"),
+    ("inf", "line 4, column 2: value 'inf' is not finite"),
+    ("nan", "line 4, column 2: value 'nan' is not finite"),
+    ("1e999", "line 4, column 2: value '1e999' is not finite"),
+])
+def test_csv_bad_cell_is_named(tmp_path, cell, match):
+    rows = [[f"{i}.5", f"{-i}", "7"] for i in range(10)]
+    rows[2][1] = cell                                      # line 4 (after the header)
+    path = write_csv(tmp_path / "cells.csv", rows, header="u,v,w")
+    raises_one_line(match, load_dataset, str(path))
+
+
+def test_csv_empty_and_header_only(tmp_path):
+    (tmp_path / "none.csv").write_text("\n\n")
+    raises_one_line("empty data", load_dataset, str(tmp_path / "none.csv"))
+    (tmp_path / "head.csv").write_text("a,b\n\n")
+    raises_one_line("only a header (line 1)", load_dataset, str(tmp_path / "head.csv"))
+    (tmp_path / "two_heads.csv").write_text("a,b\nc,d\n1,2\n")
+    raises_one_line("line 2, column 1: non-numeric value 'c'", load_dataset, str(tmp_path / "two_heads.csv"))
+
+
+def test_nan_and_inf_locations_are_named(tmp_path):
+    x = np.zeros((20, 3))
+    x[4, 2] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    raises_one_line("x contains 1 NaN values (first x[4, 2]", load_dataset, str(tmp_path / "nan.npy"))
+    x[4, 2] = -np.inf
+    np.savez(tmp_path / "inf.npz", x=x)
+    raises_one_line("x contains 1 inf values (first x[4, 2] = -inf)", load_dataset, str(tmp_path / "inf.npz"))
+
+
+def labelled(tmp_path: Path, y, name: str = "lab.npz", n_cols: int = 3) -> str:
+    y = np.asarray(y)
+    x = np.random.default_rng(0).normal(size=(len(y), n_cols))
+    np.savez(tmp_path / name, x=x, y=y)
+    return str(tmp_path / name)
+
+
+def test_stray_label_57_is_refused(tmp_path):
+    y = np.arange(100) % 10
+    y[37] = 57
+    path = labelled(tmp_path, y)
+    msg = raises_one_line("label 57 is used", load_dataset, path)
+    assert "every class present" in msg and "10..56" in msg and "num_classes >= 58" in msg
+    raises_one_line("label 57 is used", load_dataset, path, condition="label")
+    msg = raises_one_line("label 57 out of range for num_classes=10", load_dataset, path, num_classes=10)
+    assert "y[37] = 57" in msg and "0..9" in msg
+    ds = load_dataset(path, num_classes=58, condition="label")     # declared: 48 classes absent
+    assert ds.n_classes == 58 and ds.y_dim == 58
+
+
+def test_num_classes_allows_absent_classes(tmp_path):
+    y = (np.arange(60) % 3) * 2                                    # 0, 2, 4
+    path = labelled(tmp_path, y)
+    msg = raises_one_line("classes 1, 3 have no examples", load_dataset, path)
+    assert "labels 2, 4 are used" in msg
+    ds = load_dataset(path, num_classes=6, condition="label")
+    assert ds.n_classes == 6 and ds.y_dim == 6
+    for part in (ds.train, ds.val, ds.test):
+        assert torch.equal(part.y.argmax(1), part.labels)
+        assert set(part.labels.tolist()) <= {0, 2, 4}
+    raises_one_line("label 4 out of range for num_classes=4", load_dataset, path, num_classes=4)
+    # labels numbered from 1 are named, with the fix
+    one_based = labelled(tmp_path, np.arange(60) % 3 + 1, "one.npz")
+    msg = raises_one_line("class 0 has no examples", load_dataset, one_based)
+    assert "relabel the classes 0..2" in msg
+    # the labels of a valid file are unchanged by num_classes
+    full = labelled(tmp_path, np.arange(60) % 4, "full.npz")
+    assert load_dataset(full).n_classes == 4 and load_dataset(full, num_classes=7).n_classes == 7
+
+
+@pytest.mark.parametrize("bad, match", [
+    (2.5, "y[5] = 2.5 is not an integer"),
+    (-1, "y[5] = -1 is negative"),
+    (np.nan, "y[5] = nan is NaN"),
+    (np.inf, "y[5] = inf is infinite"),
+])
+def test_bad_label_values(tmp_path, bad, match):
+    y = (np.arange(40) % 4).astype(np.float64)
+    y[5] = bad
+    raises_one_line(match, load_dataset, labelled(tmp_path, y))
+    raises_one_line(match, load_dataset, labelled(tmp_path, y), num_classes=10)
+
+
+def test_num_classes_option_errors(tmp_path):
+    path = labelled(tmp_path, np.arange(40) % 4)
+    raises_one_line("num_classes must be an integer in 1..", load_dataset, path, num_classes=0)
+    raises_one_line("num_classes must be an integer", load_dataset, path, num_classes=2.0)
+    np.save(tmp_path / "plain.npy", np.zeros((20, 2)))
+    raises_one_line("num_classes=3 applies only to data with labels", load_dataset,
+                    str(tmp_path / "plain.npy"), num_classes=3)
+    raises_one_line("moons: num_classes=3 applies only to data with labels", load_dataset, "moons",
+                    num_classes=3)
+    msg = raises_one_line("labels 5, 6, 7, 8, 9 out of range for num_classes=5", load_dataset, "digits",
+                          num_classes=5)
+    assert msg.startswith("digits:")
+    ds = load_dataset("digits", num_classes=12, condition="label", max_examples=20)
+    assert ds.n_classes == 12 and ds.y_dim == 12
+
+
+def test_mnist_labels_follow_num_classes(tmp_path):
+    fake_mnist(tmp_path)
+    assert load_dataset("mnist", data_dir=str(tmp_path)).n_classes == 10
+    raises_one_line("out of range for num_classes=3", load_dataset, "mnist", data_dir=str(tmp_path), num_classes=3)
+
+
+def test_huge_values_are_refused_with_a_standardize_hint(tmp_path):
+    x = np.random.default_rng(0).normal(size=(40, 4))
+    x[11, 3] = 1e30
+    np.save(tmp_path / "big.npy", x)
+    msg = raises_one_line("x[11, 3] = 1e+30 is too large for float32", load_dataset, str(tmp_path / "big.npy"))
+    assert "--standardize" in msg and "standardize=True" in msg and "squares" in msg
+    # the limit is sqrt(float32 max / D): 9.2e18 for D = 4
+    x[11, 3] = 1e19
+    np.save(tmp_path / "edge.npy", x)
+    raises_one_line("too large for float32", load_dataset, str(tmp_path / "edge.npy"))
+    x[11, 3] = -9e18
+    np.save(tmp_path / "fits.npy", x)
+    assert torch.isfinite(load_dataset(str(tmp_path / "fits.npy")).train.x.pow(2).sum(1)).all()
+    # also in a csv, and beyond the float32 range altogether
+    x[11, 3] = 1e300
+    np.savetxt(tmp_path / "big.csv", x, delimiter=",")
+    raises_one_line("x[11, 3] = 1e+300 is too large", load_dataset, str(tmp_path / "big.csv"))
+
+
+def test_categorical_levels_beyond_float32_integers_are_refused(tmp_path):
+    levels = np.random.default_rng(0).integers(0, 5, size=(30, 2)).astype(np.float64)
+    levels[3, 1] = 1e30
+    np.save(tmp_path / "levels.npy", levels)
+    raises_one_line("float32 holds integers exactly only below 16777216", load_dataset,
+                    str(tmp_path / "levels.npy"), likelihood="categorical")
+
+
+def test_standardize_uses_the_training_split_only(tmp_path):
+    rng = np.random.default_rng(1)
+    raw = rng.normal(loc=[100.0, -3.0, 7.0], scale=[5.0, 0.01, 1.0], size=(200, 3))
+    raw[:, 2] = 7.0                                               # a constant dimension
+    np.save(tmp_path / "raw.npy", raw)
+    path = str(tmp_path / "raw.npy")
+    plain = load_dataset(path, seed=3)
+    ds = load_dataset(path, seed=3, standardize=True)
+    assert ds.describe()["standardize"] is True and "standardize" not in plain.describe()
+    train = raw[ds.train.index.numpy()]
+    mean, std = train.mean(0), train.std(0)
+    std[2] = 1.0
+    assert np.allclose(ds.meta["mean"], mean) and np.allclose(ds.meta["std"], std)
+    assert isinstance(ds.meta["mean"], list) and isinstance(ds.meta["std"], list)
+    # the whole dataset's statistics differ: the val and test rows take no part
+    assert not np.allclose(ds.meta["mean"][:2], raw.mean(0)[:2], rtol=0, atol=1e-9)
+    for split in SPLIT_NAMES:
+        part, ref = ds.split(split), plain.split(split)
+        assert torch.equal(part.index, ref.index)
+        expected = (raw[part.index.numpy()] - mean) / std
+        assert torch.allclose(part.x, torch.from_numpy(expected).float(), atol=1e-5)
+        assert part.x.dtype == torch.float32
+        # mapping back gives the raw data
+        back = part.x.double() * torch.tensor(ds.meta["std"]) + torch.tensor(ds.meta["mean"])
+        assert torch.allclose(back, torch.from_numpy(raw[part.index.numpy()]), rtol=1e-5)
+    assert torch.allclose(ds.train.x.mean(0), torch.tensor([0.0, 0.0, 0.0]), atol=1e-5)
+    assert torch.allclose(ds.train.x[:, :2].std(0, unbiased=False), torch.ones(2), atol=1e-5)
+    assert torch.equal(ds.train.x[:, 2], torch.zeros(len(ds.train)))
+    # with max_examples the statistics are those of the capped training split
+    capped = load_dataset(path, seed=3, standardize=True, max_examples=30)
+    assert np.allclose(capped.meta["mean"][:2], raw[capped.train.index.numpy()].mean(0)[:2])
+
+
+def test_standardize_rescues_huge_values_with_spread(tmp_path):
+    raw = np.random.default_rng(0).normal(size=(50, 2)) * 1e30
+    np.save(tmp_path / "wide.npy", raw)
+    path = str(tmp_path / "wide.npy")
+    raises_one_line("too large for float32", load_dataset, path)
+    ds = load_dataset(path, standardize=True)
+    assert torch.isfinite(ds.train.x).all() and ds.train.x.abs().max() < 10
+    # beyond float64's square range, the statistics themselves overflow float32: refused
+    np.save(tmp_path / "wider.npy", raw * 1e200)
+    raises_one_line("beyond the float32 range", load_dataset, str(tmp_path / "wider.npy"), standardize=True)
+
+
+def test_standardize_refuses_an_outlier_outside_the_training_split(tmp_path):
+    raw = np.random.default_rng(0).normal(size=(50, 2))
+    np.save(tmp_path / "clean.npy", raw)
+    split = load_dataset(str(tmp_path / "clean.npy"))              # the split depends on n and seed only
+    test_row, train_row = int(split.test.index[0]), int(split.train.index[0])
+    raw[test_row, 1] = 1e25
+    np.save(tmp_path / "outlier.npy", raw)
+    msg = raises_one_line(f"x[{test_row}, 1] = 1e+25 lies", load_dataset, str(tmp_path / "outlier.npy"),
+                          standardize=True)
+    assert "standard deviations" in msg and "training split" in msg
+    raw[test_row, 1], raw[train_row, 1] = 0.0, 1e25                  # in the training split it sets the spread
+    np.save(tmp_path / "spread.npy", raw)
+    ds = load_dataset(str(tmp_path / "spread.npy"), standardize=True)
+    assert torch.isfinite(ds.train.x).all() and ds.meta["std"][1] > 1e23
+
+
+def test_standardize_synthetic_and_images():
+    ds = load_dataset("moons", n_samples=300, standardize=True)
+    raw = load_dataset("moons", n_samples=300)
+    mean, std = np.array(ds.meta["mean"]), np.array(ds.meta["std"])
+    assert np.allclose(ds.meta["true_manifold"] * std + mean, raw.meta["true_manifold"])
+    assert torch.allclose(ds.val.x, ((raw.val.x.double() - torch.tensor(mean)) / torch.tensor(std)).float(),
+                          atol=1e-5)
+    digits = load_dataset("digits", likelihood="gaussian", standardize=True)
+    assert len(digits.meta["std"]) == 64 and digits.meta["std"][0] == 1.0   # the blank corner pixel
+    assert max(digits.meta["mean"]) <= 1.0                                  # in [0, 1] intensity units
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(name="digits"), "standardize=True applies only to real-valued data (likelihood='gaussian')"),
+    (dict(name="digits", likelihood="categorical"), "likelihood='categorical'"),
+    (dict(name="digits", likelihood="gaussian", standardize="yes"), "standardize must be True or False"),
+])
+def test_standardize_refused_where_it_does_not_apply(kwargs, match):
+    kwargs = {"standardize": True, **kwargs}
+    raises_one_line(match, load_dataset, kwargs.pop("name"), **kwargs)
+
+
+def test_standardize_refused_for_bernoulli_user_data(tmp_path):
+    np.save(tmp_path / "bits.npy", np.eye(10))
+    raises_one_line("bits.npy: standardize=True applies only to real-valued data", load_dataset,
+                    str(tmp_path / "bits.npy"), likelihood="bernoulli", standardize=True)
+
+
+def test_new_options_reach_the_command_line():
+    from ppl_genmodels.data import boolean
+
+    meta = {f.name: f.metadata for f in dataclasses.fields(DataOptions)}
+    assert meta["standardize"]["parse"] is boolean
+    assert [boolean(t) for t in ("true", "Yes", "on", "1", "false", "NO", "off", "0")] == [True] * 4 + [False] * 4
+    with pytest.raises(ValueError):
+        boolean("maybe")
+    opts = DataOptions(num_classes=12, standardize=True)
+    assert dataclasses.asdict(opts)["num_classes"] == 12 and dataclasses.asdict(opts)["standardize"] is True
