@@ -16,14 +16,14 @@ import dataclasses
 import sys
 import typing
 
-from ppl_genmodels.comparison import compare_run
+from ppl_genmodels.comparison import compare_name, compare_run
 from ppl_genmodels.config import ConfigError, RunConfig
 from ppl_genmodels.data import DATASETS, SPLIT_NAMES, DataError
-from ppl_genmodels.evaluation import bdmc_run, evaluate_run, parse_estimators
+from ppl_genmodels.evaluation import bdmc_name, bdmc_run, evaluate_run, evaluation_name, parse_estimators
 from ppl_genmodels.inference.mcmc import MCMC_METHODS
 from ppl_genmodels.models import DESCRIPTIONS
 from ppl_genmodels.plots import sample_run
-from ppl_genmodels.runs import CheckpointError, load_run
+from ppl_genmodels.runs import CheckpointError, Run, load_run
 from ppl_genmodels.traces import PROPOSALS, STARTS, TraceError
 from ppl_genmodels.train import TrainingDiverged, fit
 
@@ -62,6 +62,9 @@ def _add_field_options(parser: argparse.ArgumentParser, owner) -> None:
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, type=_field_parser(hints[f.name], f),
                       help=meta.get("help", "") + _default_text(f))
+        if hints[f.name] is bool:  # a switch: --name / --no-name
+            kwargs.update(action=argparse.BooleanOptionalAction, help=meta.get("help", ""))
+            del kwargs["type"]
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
         if meta.get("metavar"):
@@ -78,6 +81,7 @@ def _fit_parser(sub) -> None:
     fit.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     fit.add_argument("--no-plots", action="store_true", help="skip the figures")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    _trust_option(fit)
 
 
 def _run_options(parser, seed: bool = False) -> None:
@@ -86,6 +90,17 @@ def _run_options(parser, seed: bool = False) -> None:
         parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument("--device", help="device to load the run on (default: the training device, else auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _trust_option(parser)
+
+
+def _trust_option(parser) -> None:
+    parser.add_argument("--trust-model-file", action="store_true",
+                        help="import the run's model file even if it changed since fit (it runs that file's code)")
+
+
+def _name_option(parser, kind: str, example: str) -> None:
+    parser.add_argument("--name", help=f"name of this call's result set RUN/{kind}/NAME (letters, digits, -, _, .; "
+                        f"refused if it exists); default from the options, e.g. {example} (-2, -3, ... when taken)")
 
 
 def _evaluation_parsers(sub) -> None:
@@ -101,6 +116,7 @@ def _evaluation_parsers(sub) -> None:
                           help="AIS initial distribution (default prior)")
     evaluate.add_argument("--proposal", choices=PROPOSALS, default="guide",
                           help="importance proposal of elbo and iwae (default guide)")
+    _name_option(evaluate, "evaluation", "test-n20-elbo-iwae100")
     _run_options(evaluate)
 
     bdmc = sub.add_parser("bdmc", help="sandwich bounds on log p(x) of data simulated from the model (BDMC)")
@@ -108,6 +124,7 @@ def _evaluation_parsers(sub) -> None:
     bdmc.add_argument("--steps", type=int, default=1000, help="annealing steps of each AIS direction (default 1000)")
     bdmc.add_argument("--chains", type=int, default=16, help="AIS chains per datapoint (default 16)")
     bdmc.add_argument("--batch-size", type=int, help="datapoints per pass (default: sized to bound memory)")
+    _name_option(bdmc, "bdmc", "n100-steps1000-chains16")
     _run_options(bdmc)
 
     compare = sub.add_parser("compare", help="amortized guide vs MCMC, per-datapoint guides and exact posteriors: "
@@ -122,6 +139,7 @@ def _evaluation_parsers(sub) -> None:
     compare.add_argument("--local-steps", type=int, default=500, help="Adam steps of the per-datapoint guides (default 500)")
     compare.add_argument("--logp-k", type=int, default=5000,
                          help="IWAE particles for log p(x) when the model has no closed form (default 5000)")
+    _name_option(compare, "compare", "test-n100-hmc-c4-s1000-w1000")
     _run_options(compare, seed=True)
 
 
@@ -136,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--label", type=int, help="class to generate (conditional models on labels)")
     sample.add_argument("--seed", type=int, help="random seed")
     sample.add_argument("--device", help="device to load the run on (default: the training device, else auto)")
+    _trust_option(sample)
     _evaluation_parsers(sub)
     sub.add_parser("models", help="list the built-in models")
     sub.add_parser("datasets", help="list the built-in datasets")
@@ -150,19 +169,21 @@ def _fit(args) -> int:
         fixed = [name for name in options if name not in RunConfig.resumable()]
         if fixed:
             raise ConfigError(f"a resumed run keeps its configuration; cannot change {', '.join(fixed)} with --resume")
-        run = fit(out=args.out, resume=True, progress=not args.quiet, plots=not args.no_plots, **options)
+        run = fit(out=args.out, resume=True, progress=not args.quiet, plots=not args.no_plots,
+                  trust_model_file=args.trust_model_file, **options)
     else:
         run = fit(options.pop("model", "vae"), options.pop("data", "digits"), args.out, progress=not args.quiet,
                   plots=not args.no_plots, **options)
     summary = run.summary()
-    print(f"run directory: {run.path}  (best epoch {run.epoch}; metrics.csv, checkpoint.pt, best.pt, evaluation/, plots/)")
+    print(f"run directory: {run.path}  (best epoch {run.epoch}; metrics.csv, checkpoint.pt, best.pt, evaluation/fit/, plots/)")
     if summary is not None:
         print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return 0
 
 
 def _sample(args) -> int:
-    path = sample_run(load_run(args.run, device=args.device), args.n, args.out, label=args.label, seed=args.seed)
+    run = load_run(args.run, device=args.device, trust_model_file=args.trust_model_file)
+    path = sample_run(run, args.n, args.out, label=args.label, seed=args.seed)
     print(f"wrote {path}")
     return 0
 
@@ -170,6 +191,19 @@ def _sample(args) -> int:
 def _print_summary(summary, what: str) -> None:
     print(f"{what}: mean over datapoints (nats), its standard error, datapoints, seconds")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+def _check_name(args, kind: str) -> None:
+    """A bad or taken --name fails before the run is loaded."""
+    if args.name is not None:
+        Run.check_result_name(args.run, kind, args.name)
+
+
+def _print_result_set(run, folder, files: dict[str, str]) -> None:
+    """Where the call wrote: its result set's folder, the index, and each file (``what: path``)."""
+    print(f"result set: {folder}  (listed in {run.folder(Run.RESULTS_FILE)})")
+    for what, file in files.items():
+        print(f"{what}: {folder / file}")
 
 
 def _evaluate(args) -> int:
@@ -181,12 +215,15 @@ def _evaluate(args) -> int:
                    chains=args.chains, ais_start=args.ais_start, proposal=args.proposal, progress=not args.quiet)
     if args.estimators is not None:
         parse_estimators(args.estimators)  # a bad spec fails before the run is loaded
-    run = load_run(args.run, device=args.device)
-    summary, _ = evaluate_run(run, **options)
+    _check_name(args, "evaluation")
+    run = load_run(args.run, device=args.device, trust_model_file=args.trust_model_file)
+    name = run.new_result_name("evaluation", args.name, default=evaluation_name(
+        estimators=args.estimators, k=args.k, split=args.split, n=args.n, ais_start=args.ais_start,
+        proposal=args.proposal))
+    summary, _ = evaluate_run(run, name=name, **options)
     _print_summary(summary, f"log p(x) on the {args.split} split")
-    folder = run.folder("evaluation")
-    print(f"summary: {folder / 'summary.csv'}")
-    print(f"per-datapoint estimates: {folder / 'per_datapoint.csv'}")
+    _print_result_set(run, run.result_set("evaluation", name),
+                      {"summary": "summary.csv", "per-datapoint estimates": "per_datapoint.csv"})
     return 0
 
 
@@ -200,30 +237,35 @@ def _check_at_least(args, minimum: int, *names: str) -> None:
 
 def _bdmc(args) -> int:
     _check_at_least(args, 1, "n", "steps", "chains", "batch_size")
-    run = load_run(args.run, device=args.device)
+    _check_name(args, "bdmc")
+    run = load_run(args.run, device=args.device, trust_model_file=args.trust_model_file)
+    name = run.new_result_name("bdmc", args.name,
+                               default=bdmc_name(n=args.n, num_steps=args.steps, chains=args.chains))
     summary, _ = bdmc_run(run, n=args.n, num_steps=args.steps, chains=args.chains, batch_size=args.batch_size,
-                          progress=not args.quiet)
+                          progress=not args.quiet, name=name)
     _print_summary(summary, f"BDMC bounds on log p(x) of simulated data ({args.steps} steps)")
-    folder = run.folder("evaluation")
-    print(f"summary: {folder / 'bdmc_summary.csv'}")
-    print(f"per-datapoint bounds: {folder / 'bdmc_per_datapoint.csv'}")
+    _print_result_set(run, run.result_set("bdmc", name),
+                      {"summary": "summary.csv", "per-datapoint bounds": "per_datapoint.csv"})
     return 0
 
 
 def _compare(args) -> int:
     _check_at_least(args, 1, "n", "chains", "samples", "logp_k")
     _check_at_least(args, 0, "warmup", "local_steps")
-    run = load_run(args.run, device=args.device)
+    _check_name(args, "compare")
+    run = load_run(args.run, device=args.device, trust_model_file=args.trust_model_file)
+    name = run.new_result_name("compare", args.name, default=compare_name(
+        n=args.n, split=args.split, mcmc=args.mcmc, chains=args.chains, samples=args.samples, warmup=args.warmup))
     summary, per, _ = compare_run(run, n=args.n, split=args.split, mcmc=args.mcmc, chains=args.chains,
                                   samples=args.samples, warmup=args.warmup, local_steps=args.local_steps,
-                                  logp_k=args.logp_k, seed=args.seed, progress=not args.quiet)
+                                  logp_k=args.logp_k, seed=args.seed, progress=not args.quiet, name=name)
     print(f"inference on the first {len(per)} datapoints of the {args.split} split: log p(x) and ELBOs (nats), "
           "gaps, discrepancies from MCMC / exact draws, MCMC diagnostics")
     print(summary.T.to_string(header=False, float_format=lambda v: f"{v:.4f}"))
-    folder = run.folder("compare")
-    print(f"summary: {folder / 'summary.csv'}")
-    print(f"per-datapoint gaps, diagnostics and discrepancies: {folder / 'per_datapoint.csv'}")
-    print(f"draws (ArviZ InferenceData): {folder / 'posterior.nc'}")
+    folder = run.result_set("compare", name)
+    _print_result_set(run, folder, {"summary": "summary.csv",
+                                    "per-datapoint gaps, diagnostics and discrepancies": "per_datapoint.csv",
+                                    "draws (ArviZ InferenceData)": "posterior.nc"})
     figures = sorted(p.name for p in folder.glob("*.png"))
     if figures:
         print(f"figures in {folder}: {', '.join(figures)}")

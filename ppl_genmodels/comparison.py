@@ -11,9 +11,10 @@ run and, with the decoder fixed, runs
   discrepancies of every method from MCMC and, where the model has
   ``exact_posterior``, from exact draws (:mod:`ppl_genmodels.inference.compare`).
 
-It first computes everything (:class:`Comparison`), then writes it into
-``RUN_DIR/compare/``: ``summary.csv`` (one row per method), ``per_datapoint.csv``,
-``posterior.nc`` (all draws as ArviZ InferenceData) and the figures.
+It first computes everything (:class:`Comparison`), then writes it into its own
+result set ``RUN_DIR/compare/<name>/`` (never overwritten; listed in ``RUN_DIR/results.csv``):
+``summary.csv`` (one row per method), ``per_datapoint.csv``, ``posterior.nc`` (all draws
+as ArviZ InferenceData) and the figures.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ from ppl_genmodels.inference.compare import (
 )
 from ppl_genmodels.inference.local import fit_local_guides, sample_local
 from ppl_genmodels.inference.mcmc import MCMC_METHODS, RHAT_THRESHOLD, hmc_posterior, nuts_posterior
-from ppl_genmodels.runs import as_run, atomic_write
+from ppl_genmodels.runs import as_run, atomic_write, writer
 from ppl_genmodels.traces import LogJoint
 
-__all__ = ["Comparison", "compare_run", "compare", "SUMMARY_COLUMNS"]
+__all__ = ["Comparison", "compare_run", "compare", "compare_name", "SUMMARY_COLUMNS"]
 
 SUMMARY_COLUMNS = ["method", "quantity", "mean", "stderr", "gap_to_log_px", "amortization_gap",
                    "vs_mcmc_mean_sd", "vs_mcmc_sd_ratio", "vs_mcmc_energy",
@@ -174,17 +175,29 @@ def _compute(run, x, y, index, *, mcmc, chains, samples, warmup, local_steps, lo
     return Comparison(_summary(per, seconds, mcmc), per, idata, shown, index)
 
 
-def _write(run, comparison: Comparison, plots: bool) -> None:
-    run.write_tables("compare", {"summary.csv": comparison.summary, "per_datapoint.csv": comparison.per_datapoint})
-    atomic_write(run.folder("compare") / "posterior.nc", lambda tmp: comparison.idata.to_netcdf(str(tmp)))
-    if plots:
-        figures.plot_comparison(comparison, run.folder("compare"))
+def _write(run, name: str, comparison: Comparison, plots: bool, *, seconds: float, options: dict) -> None:
+    def others(folder):
+        atomic_write(folder / "posterior.nc", lambda tmp: comparison.idata.to_netcdf(str(tmp)))
+        if plots:
+            figures.plot_comparison(comparison, folder)
+
+    run.write_result_set("compare", name, {"summary.csv": comparison.summary,
+                                           "per_datapoint.csv": comparison.per_datapoint},
+                         seconds=seconds, options=options, write=others)
 
 
+def compare_name(*, n: int = 100, split: str = "test", mcmc: str = "hmc", chains: int = 4, samples: int = 1000,
+                 warmup: int = 1000) -> str:
+    """The default name of a comparison's result set: ``test-n100-hmc-c4-s1000-w1000``
+    (split, n, MCMC method, chains, samples per chain, warm-up)."""
+    return f"{split}-n{n}-{mcmc}-c{chains}-s{samples}-w{warmup}"
+
+
+@writer("compare")
 def compare_run(run, *, n: int = 100, split: str = "test", mcmc: str = "hmc", chains: int = 4, samples: int = 1000,
                 warmup: int = 1000, local_steps: int = 500, logp_k: int = 5000, elbo_k: int = 1000,
                 guide_draws: int | None = None, seed: int | None = None, progress: bool = True, save: bool = True,
-                plots: bool = True):
+                plots: bool = True, name: str | None = None):
     """Compare the amortized guide of a run with MCMC, per-datapoint guides and exact answers.
 
     Args:
@@ -198,6 +211,9 @@ def compare_run(run, *, n: int = 100, split: str = "test", mcmc: str = "hmc", ch
         elbo_k: particles of the amortized guide's ELBO.
         guide_draws: draws from the amortized, local and exact posteriors (default chains x samples).
         seed: seeds torch before anything random; progress: tqdm bars; save: write files; plots: figures.
+        name: the result set's name (letters, digits, ``-``, ``_``, ``.``); one that exists is refused
+            before any work. Default: :func:`compare_name` of the options, with ``-2``, ``-3``, ...
+            appended when a set of that name exists.
 
     Returns ``(summary, per_datapoint, idata)``. ``per_datapoint`` has ``index`` (row in the split's
     source), the gap decomposition (see :func:`~ppl_genmodels.inference.compare.gap_decomposition`),
@@ -205,12 +221,17 @@ def compare_run(run, *, n: int = 100, split: str = "test", mcmc: str = "hmc", ch
     columns ``<a>_vs_<b>_<measure>`` for guide/local vs mcmc and, with ``exact_posterior``,
     guide/local/mcmc vs exact. ``summary`` has one row per method. ``idata`` holds the MCMC draws
     as ``posterior`` and the other methods' as groups ``guide``, ``local_guide`` (and ``exact``),
-    each ``z [chain, draw, datapoint, latent_dim]``. Writes ``RUN_DIR/compare/summary.csv``,
-    ``per_datapoint.csv``, ``posterior.nc`` and figures when ``save``.
+    each ``z [chain, draw, datapoint, latent_dim]``. When ``save``, writes ``summary.csv``,
+    ``per_datapoint.csv``, ``posterior.nc`` and figures into the new result set
+    ``RUN_DIR/compare/<name>/`` and adds its row to ``RUN_DIR/results.csv``.
     """
+    began = time.perf_counter()
     _check_arguments(mcmc, guide_draws, n=n, chains=chains, samples=samples, logp_k=logp_k, elbo_k=elbo_k,
                      warmup=warmup, local_steps=local_steps)
     run = as_run(run)
+    if save:
+        name = run.new_result_name("compare", name, default=compare_name(n=n, split=split, mcmc=mcmc, chains=chains,
+                                                                          samples=samples, warmup=warmup))
     if seed is not None:
         torch.manual_seed(seed)
     run.program.eval()
@@ -223,7 +244,10 @@ def compare_run(run, *, n: int = 100, split: str = "test", mcmc: str = "hmc", ch
                           local_steps=local_steps, logp_k=logp_k, elbo_k=elbo_k,
                           num_draws=guide_draws or chains * samples, progress=progress)
     if save:
-        _write(run, comparison, plots)
+        options = dict(n=n, split=split, mcmc=mcmc, chains=chains, samples=samples, warmup=warmup,
+                       local_steps=local_steps, logp_k=logp_k, elbo_k=elbo_k, guide_draws=guide_draws, seed=seed,
+                       plots=plots)
+        _write(run, name, comparison, plots, seconds=time.perf_counter() - began, options=options)
     return comparison.summary, comparison.per_datapoint, comparison.idata
 
 

@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib.util
 import inspect
 import json
+import math
 import sys
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -52,6 +54,9 @@ __all__ = [
     "resolve_model_class",
     "model_spec_string",
     "is_instance",
+    "model_file",
+    "file_sha256",
+    "check_model_file",
     "constructor_arguments",
     "build_model",
 ]
@@ -130,6 +135,8 @@ class RunConfig:
                               parse=parse_key_value, flag="--model-arg", metavar="KEY=VALUE", repeat=True)
     data_arg: str | None = option(None, "the argument of model() and guide() that receives the data, when it "
                                         "is not the first (the conditioning goes to the other one)")
+    model_sha256: str | None = option(None, "SHA-256 of the model file at fit time; a run whose model file "
+                                            "differs is not opened without --trust-model-file", cli=False)
     model_instance: bool = option(False, "the run was trained on a model instance passed to the Python API "
                                          "(load it again with load_run(path, model=instance))", cli=False)
     elbo: str = option("trace", "training objective", choices=OBJECTIVES)
@@ -181,6 +188,13 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Check the training options (the data options are checked by :meth:`load_data`)."""
+        for name in ("lr", "scale"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
+        for key, value in self.model_args.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"model argument {key} must be a finite number, got {value}")
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -212,6 +226,36 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine")
     return device
+
+
+def model_file(spec) -> Path | None:
+    """The Python file a ``path/to/file.py:ClassName`` spec names, or None for any other model."""
+    if not isinstance(spec, str) or ":" not in spec:
+        return None
+    path = spec.rpartition(":")[0]
+    return Path(path).expanduser() if path.endswith(".py") else None
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_model_file(config: "RunConfig", trust: bool = False) -> None:
+    """Refuse to import a run's model file whose bytes differ from those it was trained with.
+
+    Opening a run with a user model imports (runs) that file; a run directory from
+    elsewhere could name any file. The SHA-256 recorded at ``fit`` must match,
+    unless the caller trusts the file (``--trust-model-file``).
+    """
+    path = model_file(config.model)
+    if path is None or trust or config.model_sha256 is None or not path.is_file():
+        return
+    actual = file_sha256(path)
+    if actual != config.model_sha256:
+        raise ConfigError(f"model file {path} is not the file this run was trained with (SHA-256 {actual[:12]}..., "
+                          f"recorded {config.model_sha256[:12]}...); opening the run would run its code: pass "
+                          "--trust-model-file if you trust it")
 
 
 def _load_class_from_file(spec: str):

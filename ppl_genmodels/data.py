@@ -196,15 +196,6 @@ class DataError(ValueError):
 # Options
 # --------------------------------------------------------------------------- #
 
-_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-
-
-def boolean(text: str) -> bool:
-    """``true``/``yes``/``on``/``1`` -> True, ``false``/``no``/``off``/``0`` -> False (command-line parser)."""
-    word = str(text).strip().lower()
-    if word in _TRUE + _FALSE:
-        return word in _TRUE
-    raise ValueError(f"expected true or false, got {text!r}")
 
 
 @dataclass(frozen=True)
@@ -215,9 +206,8 @@ class DataOptions:
     :class:`DataError` for a bad one. Each field's ``metadata["help"]`` is a
     one-line command-line help text (without the default, which a generator
     appends); ``metadata["choices"]`` is the tuple of allowed values for
-    ``likelihood``, ``binarize`` and ``condition``; ``standardize`` adds the
-    ``parse`` (text -> bool, :func:`boolean`) and ``metavar`` keys of
-    :func:`ppl_genmodels.config.option`, so its flag reads ``--standardize true``.
+    ``likelihood``, ``binarize`` and ``condition``. A ``bool`` field becomes a
+    switch (``--standardize`` / ``--no-standardize``).
     ``data_dir`` may also be a :class:`os.PathLike`.
 
     ``num_classes``: the number of label classes (see "Labels" in the module
@@ -253,7 +243,7 @@ class DataOptions:
                 "(default: labels must be 0..C-1 with every class present; 10 for digits and mnist)"})
     standardize: bool = field(default=False, metadata={
         "help": "for real-valued data: subtract the training split's mean and divide by its "
-                "standard deviation, per dimension", "parse": boolean, "metavar": "{true,false}"})
+                "standard deviation, per dimension"})
 
 
 _OPTION_NAMES = tuple(f.name for f in dataclasses.fields(DataOptions))
@@ -1010,7 +1000,7 @@ def _scale_error(src: _Source, scale: float, stats: tuple[np.ndarray, np.ndarray
                 f"unless every |x| <= {limit:.3g}")
     if stats is None:
         return DataError(f"{src.where}: x[{row}, {j}] = {column[row]:.3g} is too large for float32: {overflow}; "
-                         "pass standardize=True (--standardize true) to subtract the training split's mean "
+                         "pass standardize=True (--standardize) to subtract the training split's mean "
                          "and divide by its standard deviation, or rescale the data")
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         far = abs(column[row] - center) / stats[1][j]

@@ -25,7 +25,10 @@ evaluated points, which includes the Monte Carlo noise.
 manifold (:func:`ppl_genmodels.plots.plot_run` shows it).
 
 Tables are built from the estimators' results by :mod:`ppl_genmodels.tables`
-and written into ``RUN_DIR/evaluation/`` by the run (:class:`~ppl_genmodels.runs.Run`).
+and written by the run (:meth:`~ppl_genmodels.runs.Run.write_result_set`): each
+call into its own result set, ``RUN_DIR/evaluation/<name>/`` or ``RUN_DIR/bdmc/<name>/``,
+listed in ``RUN_DIR/results.csv``. The default name says what defines the result
+(:func:`evaluation_name`, :func:`bdmc_name`); a set is never overwritten.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from ppl_genmodels import tables
 from ppl_genmodels.data import Split
 from ppl_genmodels.inference import ais as ais_module
 from ppl_genmodels.inference.importance import ROWS_PER_PASS, Estimate, batched_estimates
-from ppl_genmodels.runs import as_run
+from ppl_genmodels.runs import as_run, writer
 from ppl_genmodels.traces import PROPOSALS, STARTS, log_mean_exp, log_weights, max_plate_nesting
 
 __all__ = [
@@ -51,7 +54,9 @@ __all__ = [
     "parse_estimators",
     "evaluate_run",
     "evaluate",
+    "evaluation_name",
     "bdmc_run",
+    "bdmc_name",
     "log_density_grid",
 ]
 
@@ -218,9 +223,31 @@ def _estimate(model, part, total, specs, *, batch_size, chains, ais_start, propo
     return columns, seconds
 
 
+def evaluation_name(*, estimators=None, k: int | None = None, split: str = "test", n: int | None = None,
+                    ais_start: str = "prior", proposal: str = "guide") -> str:
+    """The default name of an evaluation's result set, from the options that define the result.
+
+    ``<split>-<n<N> or all>-<estimators>``, each estimator as its canonical name in the
+    order given (``elbo``, ``iwae100``, ``ais1000``, ``exact``; an elbo with its own K
+    as ``elbo<K>``), then ``-prior`` or ``-mixture`` when elbo/iwae use that proposal and
+    ``-guidestart`` when AIS starts from the guide: ``test-n20-elbo-iwae100``.
+    """
+    specs = _resolve_estimators(None, estimators, k)
+    shared = next((s.size for s in specs if s.kind == "iwae"), DEFAULT_PARTICLES)  # an elbo without K has it
+    words = [split, "all" if n is None else f"n{n}"]
+    words += [f"elbo{s.size}" if s.kind == "elbo" and s.size != shared else s.name for s in specs]
+    if proposal != "guide" and any(s.kind in ("elbo", "iwae") for s in specs):
+        words.append(proposal)
+    if ais_start != "prior" and any(s.kind == "ais" for s in specs):
+        words.append(f"{ais_start}start")
+    return "-".join(words)
+
+
+@writer("evaluate")
 def evaluate_run(run, *, estimators=None, k: int | None = None, split: str = "test", n: int | None = None,
                  batch_size: int | None = None, chains: int = 16, ais_start: str = "prior", proposal: str = "guide",
-                 progress: bool = True, save: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 progress: bool = True, save: bool = True,
+                 name: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Estimate log p(x) per datapoint of ``split`` with each estimator; returns ``(summary, per_datapoint)``.
 
     Args:
@@ -233,16 +260,22 @@ def evaluate_run(run, *, estimators=None, k: int | None = None, split: str = "te
         chains, ais_start: AIS chains per datapoint and initial distribution (``prior`` or ``guide``).
         proposal: for elbo/iwae, ``guide``, ``prior`` or ``mixture`` (see ``traces.log_weights``).
         progress: tqdm bars while estimating; save: write the CSVs.
+        name: the result set's name (letters, digits, ``-``, ``_``, ``.``); one that exists is
+            refused. Default: :func:`evaluation_name` of the options, with ``-2``, ``-3``, ...
+            appended when a set of that name exists.
 
     ``per_datapoint`` has ``index`` (row in the split's source), then per estimator
     ``<name>`` and ``<name>_se`` (Monte Carlo standard error), ``<name>_ess`` for iwae and
     ais, ``<name>_accept`` (mean HMC acceptance) for ais. ``summary`` has one row per
     estimator: ``estimator, mean, stderr, n, seconds`` (stderr: sd over datapoints / sqrt(n)).
     An elbo and an iwae with the same K share their particles (and their seconds).
-    Writes ``RUN_DIR/evaluation/summary.csv`` and ``per_datapoint.csv`` when ``save``.
-    Every argument is checked before any estimate is made.
+    When ``save``, writes ``summary.csv`` and ``per_datapoint.csv`` into the new result set
+    ``RUN_DIR/evaluation/<name>/`` and adds its row to ``RUN_DIR/results.csv``; earlier
+    sets are kept. Every argument (the name included) is checked before any estimate is made.
     """
-    _resolve_estimators(None, estimators, k)  # a bad spec fails before the run is loaded
+    began = time.perf_counter()
+    default_name = evaluation_name(estimators=estimators, k=k, split=split, n=n, ais_start=ais_start,
+                                   proposal=proposal)  # a bad spec fails here, before the run is loaded
     _check_positive(n=n, batch_size=batch_size, chains=chains)
     if ais_start not in STARTS:
         raise ValueError(f"unknown AIS initial distribution {ais_start!r}; expected one of {', '.join(STARTS)}")
@@ -256,6 +289,8 @@ def evaluate_run(run, *, estimators=None, k: int | None = None, split: str = "te
     total = len(part.x) if n is None else min(n, len(part.x))
     if total < 1:
         raise ValueError(f"nothing to evaluate: split {split!r} has {len(part.x)} datapoints")
+    if save:
+        name = run.new_result_name("evaluation", name, default=default_name)
     columns, seconds = _estimate(model, part, total, specs, batch_size=batch_size, chains=chains,
                                  ais_start=ais_start, proposal=proposal, progress=progress, split=split)
     per_datapoint = pd.DataFrame({"index": part.index[:total].cpu().numpy(),
@@ -263,7 +298,10 @@ def evaluate_run(run, *, estimators=None, k: int | None = None, split: str = "te
     summary = pd.DataFrame([tables.summary_row(s.name, columns[s.name][s.name], seconds[s.name]) for s in specs],
                            columns=tables.SUMMARY_COLUMNS)
     if save:
-        run.write_tables("evaluation", {"summary.csv": summary, "per_datapoint.csv": per_datapoint})
+        options = dict(estimators=[s.kind if s.size is None else f"{s.kind}:{s.size}" for s in specs], split=split,
+                       n=n, batch_size=batch_size, chains=chains, ais_start=ais_start, proposal=proposal)
+        run.write_result_set("evaluation", name, {"summary.csv": summary, "per_datapoint.csv": per_datapoint},
+                             seconds=time.perf_counter() - began, options=options)
     return summary, per_datapoint
 
 
@@ -287,8 +325,15 @@ def _simulate(run, n: int):
     return x, latents, y
 
 
+def bdmc_name(*, n: int = 100, num_steps: int = 1000, chains: int = 16) -> str:
+    """The default name of a BDMC result set: ``n100-steps1000-chains16``."""
+    return f"n{n}-steps{num_steps}-chains{chains}"
+
+
+@writer("bdmc")
 def bdmc_run(run, *, n: int = 100, num_steps: int = 1000, chains: int = 16, batch_size: int | None = None,
-             progress: bool = True, save: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+             progress: bool = True, save: bool = True,
+             name: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Bidirectional Monte Carlo on ``n`` datapoints simulated from the run's model.
 
     Each simulated x comes with the latent that generated it, an exact posterior
@@ -301,11 +346,16 @@ def bdmc_run(run, *, n: int = 100, num_steps: int = 1000, chains: int = 16, batc
 
     Returns ``(summary, per_datapoint)``: per_datapoint has ``index`` (0..n-1), ``lower``,
     ``lower_se``, ``upper``, ``upper_se``, ``gap``; summary one row each for lower,
-    upper and gap (``estimator, mean, stderr, n, seconds``). Writes
-    ``RUN_DIR/evaluation/bdmc_summary.csv`` and ``bdmc_per_datapoint.csv`` when ``save``.
+    upper and gap (``estimator, mean, stderr, n, seconds``). When ``save``, writes
+    ``summary.csv`` and ``per_datapoint.csv`` into the new result set ``RUN_DIR/bdmc/<name>/``
+    and adds its row to ``RUN_DIR/results.csv``. ``name`` as for :func:`evaluate_run`
+    (default :func:`bdmc_name`, made unique; a given name that exists is refused before any work).
     """
+    began = time.perf_counter()
     _check_positive(n=n, num_steps=num_steps, chains=chains, batch_size=batch_size)
     run = as_run(run)
+    if save:
+        name = run.new_result_name("bdmc", name, default=bdmc_name(n=n, num_steps=num_steps, chains=chains))
     run.program.eval()
     x, latents, y = _simulate(run, n)
     n = x.shape[0]
@@ -330,7 +380,9 @@ def bdmc_run(run, *, n: int = 100, num_steps: int = 1000, chains: int = 16, batc
     summary = pd.DataFrame([tables.summary_row(name, per_datapoint[name].to_numpy(), seconds[name])
                             for name in ("lower", "upper", "gap")], columns=tables.SUMMARY_COLUMNS)
     if save:
-        run.write_tables("evaluation", {"bdmc_summary.csv": summary, "bdmc_per_datapoint.csv": per_datapoint})
+        run.write_result_set("bdmc", name, {"summary.csv": summary, "per_datapoint.csv": per_datapoint},
+                             seconds=time.perf_counter() - began,
+                             options=dict(n=n, num_steps=num_steps, chains=chains, batch_size=batch_size))
     return summary, per_datapoint
 
 

@@ -529,9 +529,14 @@ def sample_run(run, n: int = 64, path=None, *, label: int | None = None, seed: i
     class per column unless ``label`` is given; for ``quadrants``, completions of
     the first n test images). 2-D data: the samples over the data and the true manifold.
     """
-    run = as_run(run)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if path is not None and Path(path).suffix.lower() != ".png":
+        raise ValueError(f"the samples are written as a PNG image; give an --out ending in .png, not {Path(path).name}")
+    run = as_run(run)
+    if label is not None and run.data.condition != "label":
+        raise ValueError(f"--label needs a run conditioned on class labels (--condition label); this run is "
+                         f"{'conditioned on ' + run.data.condition if run.data.condition else 'unconditioned'}")
     if seed is not None:
         torch.manual_seed(seed)
     data = run.data

@@ -35,8 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ppl_genmodels import runs
-from ppl_genmodels.config import (OPTIMIZERS, ConfigError, RunConfig, build_model, is_instance, model_spec_string,
-                                  resolve_device)
+from ppl_genmodels.config import (OPTIMIZERS, ConfigError, RunConfig, build_model, check_model_file, file_sha256,
+                                  is_instance, model_file, model_spec_string, resolve_device)
 from ppl_genmodels.evaluation import evaluate_run
 from ppl_genmodels.inference.objectives import make_objective
 from ppl_genmodels.plots import plot_run
@@ -138,21 +138,32 @@ class _Training:
 
 
 def _new_config(model, data, out, options: dict) -> tuple[RunConfig, Path]:
-    """The configuration of a new run and its directory (never an existing, non-empty one)."""
+    """The configuration of a new run and its directory."""
     if options.get("data_dir"):
         options["data_dir"] = str(Path(options["data_dir"]).resolve())
     data = str(Path(data).resolve()) if Path(str(data)).suffix in (".npy", ".npz", ".csv") else str(data)
     config = RunConfig.from_dict({"model": model_spec_string(model), "data": data, **options,
                                   "model_instance": is_instance(model)})
+    path = model_file(config.model)
+    config.model_sha256 = file_sha256(path) if path is not None and path.is_file() else None
     if out is None:
         out = Path("runs") / f"{Path(str(data)).stem}-{Path(config.model.split(':')[-1]).stem.lower()}"
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"run directory {out} already exists; use --resume to continue it or choose another --out")
-    return config, out
+    return config, Path(out)
 
 
-def _resumed_config(out, options: dict) -> tuple[RunConfig, Path]:
+def _check_fresh(out: Path) -> None:
+    """A new run goes into a missing or empty directory, or one whose run has no checkpoint yet.
+
+    A run killed before its first checkpoint, or stopped by a divergence in its
+    first epoch, leaves only ``config.json``: it is started again in place.
+    """
+    if any(out.iterdir()):
+        if not runs.restartable(out):
+            raise ConfigError(f"run directory {out} already exists; use --resume to continue it or choose "
+                              "another --out")
+
+
+def _resumed_config(out, options: dict, trust_model_file: bool) -> tuple[RunConfig, Path]:
     """The saved configuration of the run in ``out``, with the options a resume may change."""
     if out is None:
         raise ConfigError("resume needs the run directory (out)")
@@ -163,8 +174,10 @@ def _resumed_config(out, options: dict) -> tuple[RunConfig, Path]:
         raise ConfigError(f"a resumed run keeps its configuration; cannot change {', '.join(extra)}")
     for key, value in options.items():
         setattr(config, key, value)
-    if not (out / runs.CHECKPOINT_FILE).is_file():
-        raise ConfigError(f"{out} has no {runs.CHECKPOINT_FILE} to resume from")
+    check_model_file(config, trust_model_file)
+    path = model_file(config.model)
+    if trust_model_file and path is not None and path.is_file():
+        config.model_sha256 = file_sha256(path)  # the checkpoints from now on come from this file
     return config, out
 
 
@@ -188,7 +201,14 @@ def _start(config: RunConfig, out: Path, model) -> _Training:
 
 
 def _resume(run: _Training) -> None:
-    """Restore the model, optimizer, RNG states, counters and metrics of the last checkpoint."""
+    """Restore the model, optimizer, RNG states, counters and metrics of the last checkpoint.
+
+    A run without a checkpoint (killed or stopped in its first epoch) starts at
+    epoch 1. ``metrics.csv`` is rewritten from the history the checkpoint carries,
+    so a row lost between the two writes comes back.
+    """
+    if not (run.out / runs.CHECKPOINT_FILE).is_file():
+        return
     state = load_checkpoint(run.out / runs.CHECKPOINT_FILE, map_location="cpu")
     run.net.load_state(state)
     run.trainer.optimizer.load_state_dict(state["optimizer"])
@@ -198,7 +218,19 @@ def _resume(run: _Training) -> None:
     run.start_epoch = state["epoch"] + 1
     # patience may have been raised since: judge the saved counter against the new value
     run.stopped_early = bool(run.config.patience) and run.bad_epochs >= run.config.patience
-    run.history = pd.read_csv(run.out / runs.METRICS_FILE).to_dict("records")[: state["epoch"]]
+    if "metrics" in state:
+        run.history = [dict(row) for row in state["metrics"]]
+    else:  # checkpoints written before they carried the history
+        run.history = pd.read_csv(run.out / runs.METRICS_FILE).to_dict("records")[: state["epoch"]]
+    write_csv(run.out / runs.METRICS_FILE, pd.DataFrame(run.history, columns=METRIC_COLUMNS))
+
+
+def _kept(run: _Training, last_epoch: int) -> str:
+    """What a stopped run leaves: its last good checkpoint, or nothing to resume yet."""
+    if last_epoch >= 1:
+        return f"the last good checkpoint (epoch {last_epoch}) is kept in {run.out}"
+    return (f"no epoch had completed, so there is no checkpoint; {run.out} can be started again in place "
+            "(or resumed from epoch 1)")
 
 
 def _train_epoch(run: _Training, epoch: int, last_epoch: int, bar) -> float:
@@ -209,10 +241,8 @@ def _train_epoch(run: _Training, epoch: int, last_epoch: int, bar) -> float:
                                                       generator=run.shuffle)):
         value = run.trainer.step(x, y)
         if not math.isfinite(value):
-            kept = (f"the last good checkpoint (epoch {last_epoch}) is kept in {run.out}" if last_epoch >= 1
-                    else "no epoch had completed, so no checkpoint was written")
             raise TrainingDiverged(f"training stopped: the loss became {value} at epoch {epoch}, step {step + 1}; "
-                                   f"{kept}; try a smaller --lr")
+                                   f"{_kept(run, last_epoch)}; try a smaller --lr")
         total += value
         count += x.shape[0]
         if bar is not None and step % 10 == 0:
@@ -233,6 +263,7 @@ def _write_epoch(run: _Training, epoch: int, train_elbo: float, val: float, seco
         **run.net.state(), "optimizer": run.trainer.optimizer.state_dict(), "epoch": epoch,
         "best_val": run.best_val, "bad_epochs": run.bad_epochs, "stopped_early": run.stopped_early,
         "config": run.config.to_dict(), "rng": rng_state(), "shuffle_rng": run.shuffle.get_state(),
+        "metrics": [dict(row) for row in run.history],
     })
     write_csv(run.out / runs.METRICS_FILE, pd.DataFrame(run.history, columns=METRIC_COLUMNS))
 
@@ -250,7 +281,7 @@ def _epochs(run: _Training, progress: bool) -> None:
             val = validation_elbo(run.net, run.dataset)
             if not math.isfinite(val):
                 raise TrainingDiverged(f"training stopped: the validation ELBO became {val} at epoch {epoch}; "
-                                       f"the last good checkpoint (epoch {last_epoch}) is kept in {run.out}")
+                                       f"{_kept(run, last_epoch)}")
             _write_epoch(run, epoch, train_elbo, val, time.perf_counter() - started)
             last_epoch = epoch
             bar.set_postfix(epoch=epoch, train_elbo=f"{train_elbo:.3f}", val_elbo=f"{val:.3f}")
@@ -271,6 +302,7 @@ def fit(
     progress: bool = True,
     evaluate: bool = True,
     plots: bool = True,
+    trust_model_file: bool = False,
     **options,
 ) -> Run:
     """Train a model and return the :class:`~ppl_genmodels.runs.Run`.
@@ -282,21 +314,45 @@ def fit(
         data: a dataset name (``digits``, ``mnist``, ``circle``, ``moons``, ``swiss-roll``)
             or a ``.npy``/``.npz``/``.csv`` file.
         out: the run directory (default ``runs/<data>-<model>``); an existing one is never
-            overwritten: pass ``resume=True`` to continue it.
+            overwritten: pass ``resume=True`` to continue it. A run with no checkpoint yet
+            (killed or diverged in its first epoch) is started again in place. The
+            directory is locked while ``fit`` runs: a second process gets an error.
         resume: continue the run in ``out`` from its last checkpoint (its saved configuration
             is used; ``epochs``, ``patience`` and ``device`` may be changed).
         progress: show a progress bar.
         evaluate: after training, estimate the test-set ELBO and IWAE-k (k = ``eval_k``).
         plots: write figures into ``out/plots``.
+        trust_model_file: on resume, import the run's model file even if it changed since
+            the run was trained (its SHA-256 is recorded at fit).
         **options: options of :class:`~ppl_genmodels.config.RunConfig`, data options included
             (epochs, lr, batch_size, max_examples, ...).
     """
-    config, out = _resumed_config(out, options) if resume else _new_config(model, data, out, options)
-    run = _start(config, out, None if isinstance(model, str) else model)
+    config, out = (_resumed_config(out, options, trust_model_file) if resume
+                   else _new_config(model, data, out, options))
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"run directory {out} already exists as a file; choose another --out")
+    created = not out.exists()
+    try:
+        with runs.locked(out, "fit --resume" if resume else "fit"):
+            return _fit_locked(config, out, None if isinstance(model, str) else model, resume, progress, evaluate,
+                               plots)
+    except BaseException:
+        if created:
+            runs.remove_if_empty(out)  # a run that failed before writing anything leaves no directory
+        raise
+
+
+def _fit_locked(config: RunConfig, out: Path, model, resume: bool, progress: bool, evaluate: bool,
+                plots: bool) -> Run:
+    """Train while holding the run directory's lock: check it, start or resume, train, evaluate."""
+    if resume and not (out / runs.CONFIG_FILE).is_file():
+        raise ConfigError(f"{out} is not a run directory (no {runs.CONFIG_FILE})")
+    if not resume:
+        _check_fresh(out)
+    run = _start(config, out, model)
+    runs.remove_leftovers(out)
     if resume:
         _resume(run)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
     runs.write_config(out, config)
     _epochs(run, progress)
     best = load_checkpoint(out / runs.BEST_FILE, map_location=run.device)
@@ -305,7 +361,7 @@ def fit(
     result = Run(out, config, run.net, run.dataset, pd.DataFrame(run.history, columns=METRIC_COLUMNS),
                  int(best["epoch"]), run.device)
     if evaluate:
-        evaluate_run(result, k=config.eval_k, progress=progress)
+        evaluate_run(result, k=config.eval_k, progress=progress, name=result.unused_result_name("evaluation", "fit"))
     if plots:
         plot_run(result)
     return result

@@ -53,7 +53,7 @@ def digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "digits"
     code, stdout, stderr = _main(["fit", "--data", "digits", "--epochs", "2", "--max-examples", "48",
                                   "--batch-size", "24", "--out", out, *QUICK])
-    summary = pd.read_csv(out / "evaluation" / "summary.csv") if code == 0 else None  # before `evaluate` rewrites it
+    summary = pd.read_csv(out / "evaluation" / "fit" / "summary.csv") if code == 0 else None  # fit's own result set
     return out, code, stdout, stderr, summary
 
 
@@ -94,6 +94,9 @@ def test_fit_resume(tmp_path):
     assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == [1, 2]
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
     assert read_config(out).epochs == 2
+    index = pd.read_csv(out / "results.csv")  # the resumed fit's evaluation is a new set; the first one stays
+    assert index["name"].tolist() == ["fit", "fit-2"]
+    assert all((out / "evaluation" / name / "summary.csv").is_file() for name in ("fit", "fit-2"))
 
 
 def test_fit_resume_refuses_a_missing_run(tmp_path):
@@ -152,21 +155,23 @@ def test_evaluate(digits_run):
     assert code == 0, stderr
     rows = _table_rows(stdout)
     assert "elbo" in rows and "iwae20" in rows
-    summary = pd.read_csv(out / "evaluation" / "summary.csv")
-    per = pd.read_csv(out / "evaluation" / "per_datapoint.csv")
+    folder = out / "evaluation" / "test-n30-elbo-iwae20"
+    summary = pd.read_csv(folder / "summary.csv")
+    per = pd.read_csv(folder / "per_datapoint.csv")
     assert summary["estimator"].tolist() == ["elbo", "iwae20"]
     assert (summary["n"] == 30).all()
     assert len(per) == 30 and "iwae20" in per.columns
     np.testing.assert_array_equal(per["index"].to_numpy(), load_run(out).data.test.index[:30].numpy())
     assert (per["iwae20"] >= per["elbo"] - 1e-4).all()
     assert float(rows["elbo"][1]) == pytest.approx(summary.loc[0, "mean"], abs=1e-4)
-    assert "per_datapoint.csv" in stdout
+    assert str(folder / "per_datapoint.csv") in stdout
+    pd.testing.assert_frame_equal(pd.read_csv(out / "evaluation" / "fit" / "summary.csv"), digits_run[4])  # kept
 
 
 def test_evaluate_val_split(moons_run):
     code, stdout, stderr = _main(["evaluate", moons_run, "--k", "4", "--split", "val", "--quiet"])
     assert code == 0, stderr
-    per = pd.read_csv(moons_run / "evaluation" / "per_datapoint.csv")
+    per = pd.read_csv(moons_run / "evaluation" / "val-all-elbo-iwae4" / "per_datapoint.csv")
     np.testing.assert_array_equal(per["index"].to_numpy(), load_run(moons_run).data.val.index.numpy())
 
 

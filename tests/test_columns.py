@@ -21,6 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 METRICS = ["epoch", "train_elbo", "val_elbo", "seconds"]
 SUMMARY = ["estimator", "mean", "stderr", "n", "seconds"]
 BDMC = ["index", "lower", "lower_se", "upper", "upper_se", "gap"]
+RESULTS = ["name", "kind", "path", "created", "seconds", "options"]
 COMPARE_SUMMARY = ["method", "quantity", "mean", "stderr", "gap_to_log_px", "amortization_gap",
                    "vs_mcmc_mean_sd", "vs_mcmc_sd_ratio", "vs_mcmc_energy",
                    "vs_exact_mean_sd", "vs_exact_sd_ratio", "vs_exact_energy",
@@ -36,7 +37,7 @@ COMPARE_PER_EXACT = COMPARE_PER + ["guide_vs_exact_mean_sd", "guide_vs_exact_sd_
 CONFIG_KEYS = {"model", "data", "data_dir", "likelihood", "binarize", "condition", "visible_quadrants", "z_dim",
                "hidden", "scale", "model_args", "elbo", "particles", "optimizer", "lr", "batch_size", "epochs",
                "patience", "seed", "device", "eval_k", "val_fraction", "test_fraction", "n_samples", "noise",
-               "max_examples", "data_arg", "model_instance", "num_classes", "standardize"}
+               "max_examples", "data_arg", "model_instance", "num_classes", "standardize", "model_sha256"}
 COMPARE = ["--chains", 2, "--samples", 10, "--warmup", 10, "--local-steps", 2, "--logp-k", 10, "--seed", 0, "--quiet"]
 
 
@@ -59,49 +60,58 @@ def vae_run(tmp_path_factory):
 def test_fit_writes_config_metrics_and_evaluation(vae_run):
     assert set(json.loads((vae_run / "config.json").read_text())) == CONFIG_KEYS
     assert _columns(vae_run / "metrics.csv") == METRICS
-    assert _columns(vae_run / "evaluation" / "summary.csv") == SUMMARY
-    assert _columns(vae_run / "evaluation" / "per_datapoint.csv") == [
+    assert _columns(vae_run / "evaluation" / "fit" / "summary.csv") == SUMMARY
+    assert _columns(vae_run / "evaluation" / "fit" / "per_datapoint.csv") == [
         "index", "elbo", "elbo_se", "iwae5", "iwae5_se", "iwae5_ess"]
 
 
 def test_evaluate_with_every_estimator_kind(vae_run):
     _ok(["evaluate", vae_run, "--estimators", "elbo:3,iwae:4,ais:2", "--n", 3, "--chains", 2, "--quiet"])
-    assert _columns(vae_run / "evaluation" / "summary.csv") == SUMMARY
-    assert _columns(vae_run / "evaluation" / "per_datapoint.csv") == [
+    folder = vae_run / "evaluation" / "test-n3-elbo3-iwae4-ais2"
+    assert _columns(folder / "summary.csv") == SUMMARY
+    assert _columns(folder / "per_datapoint.csv") == [
         "index", "elbo", "elbo_se", "iwae4", "iwae4_se", "iwae4_ess", "ais2", "ais2_se", "ais2_ess", "ais2_accept"]
 
 
 def test_bdmc(vae_run):
     _ok(["bdmc", vae_run, "--n", 3, "--steps", 2, "--chains", 2, "--quiet"])
-    assert _columns(vae_run / "evaluation" / "bdmc_summary.csv") == SUMMARY
-    assert _columns(vae_run / "evaluation" / "bdmc_per_datapoint.csv") == BDMC
-    assert pd.read_csv(vae_run / "evaluation" / "bdmc_summary.csv")["estimator"].tolist() == ["lower", "upper", "gap"]
+    folder = vae_run / "bdmc" / "n3-steps2-chains2"
+    assert _columns(folder / "summary.csv") == SUMMARY
+    assert _columns(folder / "per_datapoint.csv") == BDMC
+    assert pd.read_csv(folder / "summary.csv")["estimator"].tolist() == ["lower", "upper", "gap"]
 
 
 def test_compare_without_a_closed_form(vae_run):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # unconverged chains: these runs are tiny
         _ok(["compare", vae_run, "--n", 2, *COMPARE])
-    assert _columns(vae_run / "compare" / "summary.csv") == COMPARE_SUMMARY
-    assert _columns(vae_run / "compare" / "per_datapoint.csv") == COMPARE_PER
+    folder = vae_run / "compare" / "test-n2-hmc-c2-s10-w10"
+    assert _columns(folder / "summary.csv") == COMPARE_SUMMARY
+    assert _columns(folder / "per_datapoint.csv") == COMPARE_PER
 
 
 def test_ppca_adds_the_exact_columns(tmp_path):
     out = tmp_path / "ppca"
     _ok(["fit", "--model", "ppca", "--data", "moons", "--z-dim", 1, "--epochs", 1, "--n-samples", 100,
          "--eval-k", 5, "--out", out, "--quiet", "--no-plots"])
-    assert _columns(out / "evaluation" / "per_datapoint.csv") == [
+    assert _columns(out / "evaluation" / "fit" / "per_datapoint.csv") == [
         "index", "elbo", "elbo_se", "iwae5", "iwae5_se", "iwae5_ess", "exact", "exact_se"]
     _ok(["evaluate", out, "--k", 3, "--n", 4, "--proposal", "mixture", "--quiet"])
-    assert _columns(out / "evaluation" / "per_datapoint.csv") == [
+    folder = out / "evaluation" / "test-n4-elbo-iwae3-mixture"
+    assert _columns(folder / "per_datapoint.csv") == [
         "index", "elbo", "elbo_se", "iwae3", "iwae3_se", "iwae3_ess", "exact", "exact_se"]
-    assert pd.read_csv(out / "evaluation" / "summary.csv")["estimator"].tolist() == ["elbo", "iwae3", "exact"]
+    assert pd.read_csv(folder / "summary.csv")["estimator"].tolist() == ["elbo", "iwae3", "exact"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         _ok(["compare", out, "--n", 2, *COMPARE])
-    assert _columns(out / "compare" / "summary.csv") == COMPARE_SUMMARY
-    assert _columns(out / "compare" / "per_datapoint.csv") == COMPARE_PER_EXACT
-    assert pd.read_csv(out / "compare" / "summary.csv")["method"].tolist() == ["exact", "hmc", "local", "amortized"]
+    folder = out / "compare" / "test-n2-hmc-c2-s10-w10"
+    assert _columns(folder / "summary.csv") == COMPARE_SUMMARY
+    assert _columns(folder / "per_datapoint.csv") == COMPARE_PER_EXACT
+    assert pd.read_csv(folder / "summary.csv")["method"].tolist() == ["exact", "hmc", "local", "amortized"]
+    index = pd.read_csv(out / "results.csv")
+    assert list(index.columns) == RESULTS
+    assert index["path"].tolist() == ["evaluation/fit", "evaluation/test-n4-elbo-iwae3-mixture",
+                                      "compare/test-n2-hmc-c2-s10-w10"]
 
 
 def test_conditional_run(tmp_path):
@@ -109,7 +119,8 @@ def test_conditional_run(tmp_path):
     _ok(["fit", "--model", "cvae", "--data", "digits", "--condition", "label", "--epochs", 1, "--max-examples", 60,
          "--eval-k", 4, "--out", out, "--quiet", "--no-plots"])
     assert _columns(out / "metrics.csv") == METRICS
-    assert _columns(out / "evaluation" / "per_datapoint.csv") == [
+    assert _columns(out / "evaluation" / "fit" / "per_datapoint.csv") == [
         "index", "elbo", "elbo_se", "iwae4", "iwae4_se", "iwae4_ess"]
     _ok(["bdmc", out, "--n", 2, "--steps", 2, "--chains", 2, "--quiet"])
-    assert _columns(out / "evaluation" / "bdmc_per_datapoint.csv") == BDMC
+    assert _columns(out / "bdmc" / "n2-steps2-chains2" / "per_datapoint.csv") == BDMC
+    assert _columns(out / "results.csv") == RESULTS

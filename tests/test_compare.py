@@ -1,5 +1,6 @@
 """Comparing inference: gap decomposition, posterior discrepancies, compare_run and the CLI."""
 
+import json
 import warnings
 
 import numpy as np
@@ -85,7 +86,7 @@ def test_gap_decomposition_on_ppca():
 def test_compare_run_on_ppca(ppca_run):
     torch.manual_seed(0)
     summary, per, idata = compare_run(ppca_run, n=6, samples=200, warmup=200, local_steps=200, progress=False)
-    folder = ppca_run.path / "compare"
+    folder = ppca_run.path / "compare" / "test-n6-hmc-c4-s200-w200"
     for name in ("summary.csv", "per_datapoint.csv", "posterior.nc", "gaps.png", "posteriors.png"):
         assert (folder / name).is_file(), name
     index = ppca_run.data.test.index[:6].numpy()
@@ -124,6 +125,7 @@ def test_compare_run_without_a_closed_form_uses_iwae(tmp_path):
     assert "guide_vs_exact_energy" not in per
     assert summary["method"].tolist() == ["iwae300", "hmc", "local", "amortized"]
     assert not (tmp_path / "vae" / "compare").exists()
+    assert pd.read_csv(tmp_path / "vae" / "results.csv")["name"].tolist() == ["fit"]  # save=False: no index row
 
 
 def test_compare_run_rejects_bad_arguments(ppca_run):
@@ -138,9 +140,10 @@ def test_cli_compare(ppca_run, capsys):
                  "--local-steps", "50", "--quiet", "--seed", "1"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "amortized" in out and "posterior.nc" in out
-    assert (ppca_run.path / "compare" / "per_datapoint.csv").is_file()
-    assert len(pd.read_csv(ppca_run.path / "compare" / "per_datapoint.csv")) == 3
+    folder = ppca_run.path / "compare" / "test-n3-hmc-c4-s100-w100"
+    assert "amortized" in out and f"result set: {folder}" in out and str(folder / "posterior.nc") in out
+    assert (folder / "per_datapoint.csv").is_file()
+    assert len(pd.read_csv(folder / "per_datapoint.csv")) == 3
 
 
 def test_cli_compare_with_nuts(ppca_run, capsys):
@@ -149,7 +152,7 @@ def test_cli_compare_with_nuts(ppca_run, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "nuts" in out
-    summary = pd.read_csv(ppca_run.path / "compare" / "summary.csv")
+    summary = pd.read_csv(ppca_run.path / "compare" / "test-n2-nuts-c2-s30-w30" / "summary.csv")
     assert summary["method"].tolist()[1] == "nuts"
 
 
@@ -157,6 +160,8 @@ def test_cli_compare_with_nuts(ppca_run, capsys):
     (["--n", "0"], "--n must be >= 1"),
     (["--chains", "0"], "--chains must be >= 1"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--name", ".x"], "invalid result set name '.x'"),
+    (["--name", "a/b"], "invalid result set name 'a/b'"),
 ])
 def test_cli_compare_bad_input(ppca_run, capsys, argv, words):
     assert main(["compare", str(ppca_run.path), *argv, "--quiet"]) == 2
@@ -166,3 +171,38 @@ def test_cli_compare_bad_input(ppca_run, capsys, argv, words):
 def test_cli_compare_missing_run(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "nothing"), "--quiet"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+TINY = ["--n", "2", "--chains", "2", "--samples", "10", "--warmup", "10", "--local-steps", "2", "--logp-k", "10",
+        "--seed", "0", "--quiet"]
+
+
+def _files(folder) -> dict:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_each_compare_keeps_its_own_result_set(ppca_run, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # unconverged chains: these runs are tiny
+        assert main(["compare", str(ppca_run.path), *TINY]) == 0
+        first = ppca_run.path / "compare" / "test-n2-hmc-c2-s10-w10"
+        kept = _files(first)
+        assert {"summary.csv", "per_datapoint.csv", "posterior.nc", "gaps.png"} <= set(kept)
+        assert main(["compare", str(ppca_run.path), *TINY]) == 0
+        assert main(["compare", str(ppca_run.path), *TINY, "--name", "mine"]) == 0
+    out = capsys.readouterr().out
+    second = ppca_run.path / "compare" / "test-n2-hmc-c2-s10-w10-2"
+    assert f"result set: {second}" in out and f"figures in {second}: gaps.png" in out
+    assert _files(first) == kept and (second / "posterior.nc").is_file()
+    assert (ppca_run.path / "compare" / "mine" / "summary.csv").is_file()
+    index = pd.read_csv(ppca_run.path / "results.csv").set_index("name")
+    assert index.loc["mine", "kind"] == "compare" and index.loc["mine", "path"] == "compare/mine"
+    assert json.loads(index.loc["mine", "options"])["samples"] == 10
+
+    before = _files(ppca_run.path)
+    assert main(["compare", str(ppca_run.path), *TINY, "--name", "mine"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"error: result set 'mine' already exists in {ppca_run.path / 'compare'}; "
+                           "choose another --name")
+    assert _files(ppca_run.path) == before

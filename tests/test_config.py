@@ -29,14 +29,16 @@ def _fit_actions() -> dict[str, argparse.Action]:
 
 def test_every_option_has_one_fit_flag_with_help():
     actions = _fit_actions()
-    api_only = {"model_instance"}  # set by the Python API when it is given a built model
+    api_only = {"model_instance", "model_sha256"}  # recorded by fit, not options a user gives
     for name in set(RunConfig.names()) - api_only:
         assert name in actions, name
         action = actions[name]
         assert action.help and action.default is argparse.SUPPRESS, name
-        assert action.option_strings == ["--model-arg" if name == "model_args" else "--" + name.replace("_", "-")]
+        flag = "--model-arg" if name == "model_args" else "--" + name.replace("_", "-")
+        switch = [flag, "--no-" + flag[2:]] if name == "standardize" else [flag]
+        assert action.option_strings == switch
     assert not api_only & set(actions)
-    assert set(actions) - set(RunConfig.names()) == {"help", "out", "resume", "no_plots", "quiet"}
+    assert set(actions) - set(RunConfig.names()) == {"help", "out", "resume", "no_plots", "quiet", "trust_model_file"}
 
 
 def test_choices_come_from_the_registries():

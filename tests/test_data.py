@@ -948,12 +948,12 @@ def test_standardize_refused_for_bernoulli_user_data(tmp_path):
 
 
 def test_new_options_reach_the_command_line():
-    from ppl_genmodels.data import boolean
+    from ppl_genmodels import cli
 
-    meta = {f.name: f.metadata for f in dataclasses.fields(DataOptions)}
-    assert meta["standardize"]["parse"] is boolean
-    assert [boolean(t) for t in ("true", "Yes", "on", "1", "false", "NO", "off", "0")] == [True] * 4 + [False] * 4
-    with pytest.raises(ValueError):
-        boolean("maybe")
+    fit = cli.build_parser()._subparsers._group_actions[0].choices["fit"]
+    assert fit.parse_args(["--standardize"]).standardize is True
+    assert fit.parse_args(["--no-standardize"]).standardize is False
+    assert not hasattr(fit.parse_args([]), "standardize")
+    assert fit.parse_args(["--num-classes", "12"]).num_classes == 12
     opts = DataOptions(num_classes=12, standardize=True)
     assert dataclasses.asdict(opts)["num_classes"] == 12 and dataclasses.asdict(opts)["standardize"] is True

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,9 +12,11 @@ import torch
 
 from conftest import run_cli as _main
 from conftest import table_rows as _table_rows
-from ppl_genmodels import bdmc_run, evaluate_run, fit, traces
+from ppl_genmodels import bdmc_run, cli, evaluate_run, fit, traces
+from ppl_genmodels.comparison import compare_name
 from ppl_genmodels.inference import importance
-from ppl_genmodels.evaluation import EstimatorSpec, parse_estimators
+from ppl_genmodels.evaluation import EstimatorSpec, bdmc_name, evaluation_name, parse_estimators
+from ppl_genmodels.runs import load_run
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +35,9 @@ def ppca_run(tmp_path_factory):
 
 
 def _files(folder) -> dict:
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
-            if p.is_file()}
+    """Every entry under ``folder``: a file's bytes and mtime, a folder as ``"dir"``."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
 
 
 def _assert_error(code, out, err, *words):
@@ -109,7 +115,7 @@ def test_evaluate_with_several_estimators(vae_run, capsys):
         row = summary.set_index("estimator").loc[name]
         assert row["mean"] == pytest.approx(per[name].mean(), rel=1e-12)
         assert row["stderr"] == pytest.approx(per[name].std(ddof=1) / np.sqrt(12), rel=1e-9)
-    folder = vae_run.path / "evaluation"
+    folder = vae_run.path / "evaluation" / "test-n12-elbo-iwae30-ais10"
     pd.testing.assert_frame_equal(pd.read_csv(folder / "summary.csv"), summary, check_exact=False, rtol=1e-12)
     pd.testing.assert_frame_equal(pd.read_csv(folder / "per_datapoint.csv"), per, check_exact=False, rtol=1e-12)
 
@@ -213,9 +219,9 @@ def test_bdmc_run_writes_bounds_and_gap(vae_run, capsys):
     assert summary["estimator"].tolist() == ["lower", "upper", "gap"]
     assert (summary["n"] == 6).all() and (summary["seconds"] > 0).all()
     assert summary.set_index("estimator").loc["gap", "mean"] == pytest.approx(per["gap"].mean())
-    folder = vae_run.path / "evaluation"
-    pd.testing.assert_frame_equal(pd.read_csv(folder / "bdmc_summary.csv"), summary, check_exact=False, rtol=1e-12)
-    pd.testing.assert_frame_equal(pd.read_csv(folder / "bdmc_per_datapoint.csv"), per, check_exact=False, rtol=1e-12)
+    folder = vae_run.path / "bdmc" / "n6-steps10-chains3"
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "summary.csv"), summary, check_exact=False, rtol=1e-12)
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "per_datapoint.csv"), per, check_exact=False, rtol=1e-12)
 
 
 def test_bdmc_sandwich_is_narrow_for_ppca(ppca_run):
@@ -253,12 +259,14 @@ def test_cli_evaluate_with_estimators(ppca_run):
     rows = _table_rows(stdout)
     assert rows["estimator"] == ["estimator", "mean", "stderr", "n", "seconds"]
     assert {"elbo", "iwae50", "ais5", "exact"} <= set(rows)
-    summary = pd.read_csv(out / "evaluation" / "summary.csv")
+    folder = out / "evaluation" / "test-n6-elbo-iwae50-ais5-guidestart"
+    summary = pd.read_csv(folder / "summary.csv")
     assert summary["estimator"].tolist() == ["elbo", "iwae50", "ais5", "exact"]
     assert float(rows["iwae50"][1]) == pytest.approx(summary.set_index("estimator").loc["iwae50", "mean"], abs=1e-4)
-    assert str(out / "evaluation" / "summary.csv") in stdout
-    assert str(out / "evaluation" / "per_datapoint.csv") in stdout
-    assert len(pd.read_csv(out / "evaluation" / "per_datapoint.csv")) == 6
+    assert f"result set: {folder}" in stdout
+    assert str(folder / "summary.csv") in stdout
+    assert str(folder / "per_datapoint.csv") in stdout
+    assert len(pd.read_csv(folder / "per_datapoint.csv")) == 6
 
 
 def test_cli_evaluate_k_and_proposal(vae_run):
@@ -273,10 +281,12 @@ def test_cli_bdmc(vae_run):
     assert code == 0, stderr
     rows = _table_rows(stdout)
     assert {"lower", "upper", "gap"} <= set(rows)
-    summary = pd.read_csv(out / "evaluation" / "bdmc_summary.csv")
+    folder = out / "bdmc" / "n5-steps5-chains2"
+    summary = pd.read_csv(folder / "summary.csv")
     assert float(rows["gap"][1]) == pytest.approx(summary.set_index("estimator").loc["gap", "mean"], abs=1e-4)
-    assert str(out / "evaluation" / "bdmc_per_datapoint.csv") in stdout
-    assert len(pd.read_csv(out / "evaluation" / "bdmc_per_datapoint.csv")) == 5
+    assert f"result set: {folder}" in stdout
+    assert str(folder / "per_datapoint.csv") in stdout
+    assert len(pd.read_csv(folder / "per_datapoint.csv")) == 5
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -289,6 +299,14 @@ def test_cli_bdmc(vae_run):
     (["bdmc", "{run}", "--n", "-2"], ["--n must be >= 1"]),
     (["bdmc", "{absent}"], ["not a run directory"]),
     (["evaluate", "{absent}", "--estimators", "iwae:5"], ["not a run directory"]),
+    (["evaluate", "{run}", "--name", "fit"], ["result set 'fit' already exists in", "choose another --name"]),
+    (["evaluate", "{run}", "--name", ".hidden"], ["invalid result set name '.hidden'"]),
+    (["evaluate", "{run}", "--name", "a/b"], ["invalid result set name 'a/b'"]),
+    (["evaluate", "{run}", "--name", "../up"], ["invalid result set name"]),
+    (["evaluate", "{run}", "--name", "two words"], ["invalid result set name"]),
+    (["evaluate", "{run}", "--name", ""], ["invalid result set name"]),
+    (["evaluate", "{run}", "--name", "x" * 101], ["at most 100 characters"]),
+    (["bdmc", "{run}", "--name", "a:b"], ["invalid result set name 'a:b'"]),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(vae_run, tmp_path, monkeypatch, argv, words):
     monkeypatch.setattr(traces, "log_weights", _NoWork())
@@ -297,3 +315,153 @@ def test_cli_bad_input_exits_2_and_writes_nothing(vae_run, tmp_path, monkeypatch
     _assert_error(*_main(argv + ["--quiet"]), *words)
     assert _files(vae_run.path) == before
     assert not (tmp_path / "absent").exists()
+
+
+# --------------------------------------------------------------------------- #
+# result sets: every call keeps its own, listed in results.csv
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture
+def fresh_run(tmp_path):
+    """A tiny trained run of its own (fit wrote its evaluation as the set ``fit``)."""
+    torch.manual_seed(0)
+    out = tmp_path / "run"
+    fit("vae", "moons", out, epochs=1, n_samples=100, hidden=[8], z_dim=2, eval_k=5, progress=False, plots=False)
+    return out
+
+
+def test_default_names_come_from_the_options():
+    assert evaluation_name() == "test-all-elbo-iwae100"
+    assert evaluation_name(n=20) == "test-n20-elbo-iwae100"
+    assert evaluation_name(k=7, split="val", n=3) == "val-n3-elbo-iwae7"
+    assert evaluation_name(estimators="elbo:3,iwae:4,ais:2", n=3) == "test-n3-elbo3-iwae4-ais2"
+    assert evaluation_name(estimators="iwae:9,elbo", proposal="mixture") == "test-all-iwae9-elbo-mixture"
+    assert evaluation_name(estimators="ais:50,exact", ais_start="guide", proposal="prior") == \
+        "test-all-ais50-exact-guidestart"  # the proposal is for elbo/iwae only
+    assert evaluation_name(estimators="iwae:5", ais_start="guide") == "test-all-iwae5"  # no AIS, no start
+    assert bdmc_name() == "n100-steps1000-chains16"
+    assert bdmc_name(n=5, num_steps=20, chains=2) == "n5-steps20-chains2"
+    assert compare_name() == "test-n100-hmc-c4-s1000-w1000"
+    assert compare_name(n=3, split="val", mcmc="nuts", chains=2, samples=10, warmup=0) == "val-n3-nuts-c2-s10-w0"
+
+
+def test_two_evaluations_keep_both_sets_and_both_index_rows(fresh_run):
+    fit_set = _files(fresh_run / "evaluation" / "fit")
+    first, first_per = evaluate_run(fresh_run, k=5, n=4, progress=False)
+    second, second_per = evaluate_run(fresh_run, estimators="elbo:3,iwae:6", split="val", n=3, proposal="prior",
+                                      progress=False)
+    for name, summary, per in (("test-n4-elbo-iwae5", first, first_per),
+                               ("val-n3-elbo3-iwae6-prior", second, second_per)):
+        folder = fresh_run / "evaluation" / name
+        assert sorted(p.name for p in folder.iterdir()) == ["per_datapoint.csv", "summary.csv"]
+        pd.testing.assert_frame_equal(pd.read_csv(folder / "summary.csv"), summary, check_exact=False, rtol=1e-12)
+        pd.testing.assert_frame_equal(pd.read_csv(folder / "per_datapoint.csv"), per, check_exact=False, rtol=1e-12)
+    assert _files(fresh_run / "evaluation" / "fit") == fit_set  # fit's own evaluation is untouched
+    index = pd.read_csv(fresh_run / "results.csv")
+    assert index.columns.tolist() == ["name", "kind", "path", "created", "seconds", "options"]
+    assert index["name"].tolist() == ["fit", "test-n4-elbo-iwae5", "val-n3-elbo3-iwae6-prior"]
+    assert index["kind"].tolist() == ["evaluation"] * 3
+    assert index["path"].tolist() == ["evaluation/" + name for name in index["name"]]
+    created = pd.to_datetime(index["created"])
+    assert str(created.dt.tz) == "UTC" and created.is_monotonic_increasing
+    assert (index["seconds"] > 0).all()
+    assert json.loads(index["options"].iloc[2]) == {
+        "estimators": ["elbo:3", "iwae:6"], "split": "val", "n": 3, "batch_size": None, "chains": 16,
+        "ais_start": "prior", "proposal": "prior"}
+    run = load_run(fresh_run)
+    pd.testing.assert_frame_equal(run.results(), index, check_dtype=False)
+    assert run.result_set("evaluation", "fit") == fresh_run / "evaluation" / "fit"
+    pd.testing.assert_frame_equal(run.summary(), second, check_exact=False, rtol=1e-12)  # the most recent
+
+
+def test_the_same_options_twice_get_a_numbered_name(fresh_run):
+    argv = ["evaluate", fresh_run, "--k", "4", "--n", "3", "--quiet"]
+    code, stdout, stderr = _main(argv)
+    assert code == 0, stderr
+    first = fresh_run / "evaluation" / "test-n3-elbo-iwae4"
+    assert f"result set: {first}" in stdout and str(fresh_run / "results.csv") in stdout
+    kept = _files(first)
+    code, stdout, stderr = _main(argv)
+    assert code == 0, stderr
+    second = fresh_run / "evaluation" / "test-n3-elbo-iwae4-2"
+    assert f"result set: {second}" in stdout and str(second / "summary.csv") in stdout
+    assert _files(first) == kept and (second / "per_datapoint.csv").is_file()
+    for _ in range(2):
+        bdmc_run(fresh_run, n=2, num_steps=2, chains=2, progress=False)
+    names = pd.read_csv(fresh_run / "results.csv")["name"].tolist()
+    assert names == ["fit", "test-n3-elbo-iwae4", "test-n3-elbo-iwae4-2", "n2-steps2-chains2", "n2-steps2-chains2-2"]
+    assert sorted(p.name for p in (fresh_run / "bdmc").iterdir()) == ["n2-steps2-chains2", "n2-steps2-chains2-2"]
+
+
+def test_an_existing_name_is_refused_before_any_work(fresh_run, monkeypatch):
+    code, stdout, stderr = _main(["evaluate", fresh_run, "--k", "3", "--n", "2", "--name", "mine", "--quiet"])
+    assert code == 0, stderr
+    assert f"result set: {fresh_run / 'evaluation' / 'mine'}" in stdout
+    before = _files(fresh_run)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the run was loaded")
+
+    monkeypatch.setattr(cli, "load_run", no_load)
+    monkeypatch.setattr(traces, "log_weights", _NoWork())
+    code, out, err = _main(["evaluate", fresh_run, "--k", "5", "--name", "mine", "--quiet"])
+    _assert_error(code, out, err, f"result set 'mine' already exists in {fresh_run / 'evaluation'}; "
+                                  "choose another --name")
+    assert _files(fresh_run) == before
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="'mine' already exists"):  # the API refuses it too
+        evaluate_run(fresh_run, k=5, name="mine", progress=False)
+    assert _files(fresh_run) == before
+    summary, _ = bdmc_run(fresh_run, n=2, num_steps=2, chains=2, progress=False, name="mine")  # another kind
+    assert (fresh_run / "bdmc" / "mine" / "summary.csv").is_file()
+
+
+def test_fit_evaluation_survives_a_later_evaluate(fresh_run):
+    fit_set = _files(fresh_run / "evaluation" / "fit")
+    fit_summary = pd.read_csv(fresh_run / "evaluation" / "fit" / "summary.csv")
+    assert fit_summary["n"].iloc[0] > 3
+    code, stdout, stderr = _main(["evaluate", fresh_run, "--n", "3", "--quiet"])
+    assert code == 0, stderr
+    assert _files(fresh_run / "evaluation" / "fit") == fit_set
+    later = pd.read_csv(fresh_run / "evaluation" / "test-n3-elbo-iwae100" / "summary.csv")
+    assert (later["n"] == 3).all()
+    run = load_run(fresh_run)
+    assert run.results()["name"].tolist() == ["fit", "test-n3-elbo-iwae100"]
+    pd.testing.assert_frame_equal(run.summary(), later)
+
+
+def test_a_bad_name_is_refused_by_the_api_before_any_work(fresh_run, monkeypatch):
+    before = _files(fresh_run)
+    monkeypatch.setattr(traces, "log_weights", _NoWork())
+    for name in (".x", "a/b", "a b", "", "é"):
+        with pytest.raises(ValueError, match="invalid result set name"):
+            evaluate_run(fresh_run, k=3, name=name, progress=False)
+        with pytest.raises(ValueError, match="invalid result set name"):
+            bdmc_run(fresh_run, n=2, num_steps=2, chains=2, name=name, progress=False)
+    assert _files(fresh_run) == before
+
+
+def test_a_run_of_the_old_layout_still_loads(fresh_run):
+    """Before result sets, evaluate wrote evaluation/summary.csv itself and there was no index."""
+    folder = fresh_run / "evaluation"
+    for file in ("summary.csv", "per_datapoint.csv"):
+        shutil.move(folder / "fit" / file, folder / file)
+    (folder / "fit").rmdir()
+    (fresh_run / "results.csv").unlink()
+    old = pd.read_csv(folder / "summary.csv")
+    run = load_run(fresh_run)
+    pd.testing.assert_frame_equal(run.summary(), old)
+    assert run.results().empty and run.results().columns.tolist() == [
+        "name", "kind", "path", "created", "seconds", "options"]
+    summary, _ = evaluate_run(run, k=3, n=2, progress=False)
+    assert pd.read_csv(folder / "summary.csv").equals(old)  # the old files stay
+    pd.testing.assert_frame_equal(run.summary(), summary, check_exact=False, rtol=1e-12)
+    assert run.results()["name"].tolist() == ["test-n2-elbo-iwae3"]
+
+
+def test_fit_without_evaluation_has_no_summary(tmp_path):
+    run = fit("vae", "moons", tmp_path / "run", epochs=1, n_samples=100, hidden=[8], z_dim=2, progress=False,
+              plots=False, evaluate=False)
+    assert run.summary() is None and run.results().empty
+    assert not (tmp_path / "run" / "results.csv").exists() and not (tmp_path / "run" / "evaluation").exists()

@@ -103,17 +103,17 @@ def test_tutorial_vae_through_evaluate_bdmc_and_compare(tutorial_run):
     done = _cli("evaluate", tutorial_run, "--estimators", "elbo,iwae:50,ais:10", "--n", "4", "--chains", "2",
                 "--quiet")
     assert done.returncode == 0, done.stderr
-    per = pd.read_csv(tutorial_run / "evaluation" / "per_datapoint.csv")
+    per = pd.read_csv(tutorial_run / "evaluation" / "test-n4-elbo-iwae50-ais10" / "per_datapoint.csv")
     assert len(per) == 4 and (per["elbo"] <= per["iwae50"] + 1e-4).all()
     done = _cli("bdmc", tutorial_run, "--n", "3", "--steps", "10", "--chains", "2", "--quiet")
     assert done.returncode == 0, done.stderr
-    bounds = pd.read_csv(tutorial_run / "evaluation" / "bdmc_per_datapoint.csv")
+    bounds = pd.read_csv(tutorial_run / "bdmc" / "n3-steps10-chains2" / "per_datapoint.csv")
     assert len(bounds) == 3 and np.isfinite(bounds[["lower", "upper"]].to_numpy()).all()
     done = _cli("compare", tutorial_run, "--n", "2", "--chains", "2", "--samples", "10", "--warmup", "10",
                 "--local-steps", "3", "--logp-k", "20", "--quiet")
     assert done.returncode == 0, done.stderr
-    gaps = pd.read_csv(tutorial_run / "compare" / "per_datapoint.csv")
-    assert len(gaps) == 2 and (tutorial_run / "compare" / "posterior.nc").is_file()
+    gaps = pd.read_csv(tutorial_run / "compare" / "test-n2-hmc-c2-s10-w10" / "per_datapoint.csv")
+    assert len(gaps) == 2 and (tutorial_run / "compare" / "test-n2-hmc-c2-s10-w10" / "posterior.nc").is_file()
 
 
 # --------------------------------------------------------------------------- #
@@ -166,7 +166,7 @@ def test_cvae_instance_through_evaluate_bdmc_and_compare(cvae_run):
     assert np.isfinite(per[["lower", "upper"]].to_numpy()).all()
     result = compare_run(run, n=2, chains=2, samples=10, warmup=10, local_steps=3, logp_k=20, progress=False,
                          plots=False)
-    assert result is not None and (out / "compare" / "per_datapoint.csv").is_file()
+    assert result is not None and (out / "compare" / "test-n2-hmc-c2-s10-w10" / "per_datapoint.csv").is_file()
 
 
 # --------------------------------------------------------------------------- #

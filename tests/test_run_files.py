@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 import random
 
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from ppl_genmodels.runs import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from ppl_genmodels.runs import CheckpointError, Run, atomic_write, load_checkpoint, save_checkpoint
 from ppl_genmodels.train import rng_state, set_rng_state
 
 
@@ -251,3 +254,90 @@ def test_rng_states_differ_after_draws():
     assert not torch.equal(first["torch"], second["torch"])
     assert first["python"] != second["python"]
     assert not torch.equal(first["numpy_keys"], second["numpy_keys"]) or first["numpy_pos"] != second["numpy_pos"]
+
+
+# --------------------------------------------------------------------------- #
+# result sets and their index (Run)
+# --------------------------------------------------------------------------- #
+
+
+def _bare_run(path) -> Run:
+    """A Run with only its directory: the result-set methods need nothing else."""
+    return Run(path, None, None, None, pd.DataFrame())
+
+
+def test_a_run_without_an_index_has_an_empty_one(tmp_path):
+    run = _bare_run(tmp_path)
+    assert run.results().empty and run.results().columns.tolist() == list(Run.RESULT_COLUMNS)
+    assert run.summary() is None
+    assert run.result_set("bdmc", "x") == tmp_path / "bdmc" / "x"
+    with pytest.raises(ValueError, match="unknown kind of result set 'plots'"):
+        run.result_set("plots", "x")
+
+
+def test_write_result_set_writes_its_folder_then_its_index_row(tmp_path):
+    run = _bare_run(tmp_path)
+    table = pd.DataFrame({"a": [1, 2]})
+    written = []
+    folder = run.write_result_set("compare", "one", {"summary.csv": table}, seconds=1.5,
+                                  options={"n": 2, "seed": None}, write=lambda f: written.append(sorted(f.iterdir())))
+    assert folder == tmp_path / "compare" / "one" and written == [[folder / "summary.csv"]]
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "summary.csv"), table)
+    run.write_result_set("compare", "1", {"summary.csv": table}, seconds=2.0, options={})
+    run.write_result_set("evaluation", "NA", {"summary.csv": table}, seconds=3.0, options={})
+    index = run.results()
+    assert index["name"].tolist() == ["one", "1", "NA"]  # names stay strings
+    assert index["path"].tolist() == ["compare/one", "compare/1", "evaluation/NA"]
+    assert index["seconds"].tolist() == [1.5, 2.0, 3.0]
+    assert json.loads(index["options"].iloc[0]) == {"n": 2, "seed": None} and '"n":2' in index["options"].iloc[0]
+    assert pd.to_datetime(index["created"]).dt.tz is not None
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_a_result_set_is_never_overwritten(tmp_path):
+    run = _bare_run(tmp_path)
+    run.write_result_set("bdmc", "x", {"summary.csv": pd.DataFrame({"a": [1]})}, seconds=1.0, options={})
+    kept = (tmp_path / "bdmc" / "x" / "summary.csv").read_bytes()
+    index = (tmp_path / "results.csv").read_bytes()
+    with pytest.raises(ValueError, match="'x' already exists"):
+        run.write_result_set("bdmc", "x", {"summary.csv": pd.DataFrame({"a": [2]})}, seconds=1.0, options={})
+    assert (tmp_path / "bdmc" / "x" / "summary.csv").read_bytes() == kept
+    assert (tmp_path / "results.csv").read_bytes() == index
+
+
+@pytest.mark.parametrize("name", ["", ".x", "..", "a/b", "a\\b", "a b", "a:b", "tab\t", "new\nline", "é", "x" * 101])
+def test_invalid_names_are_refused(tmp_path, name):
+    with pytest.raises(ValueError, match="invalid result set name") as info:
+        Run.check_result_name(tmp_path, "evaluation", name)
+    assert "\n" not in str(info.value)
+
+
+def test_names_are_checked_against_folders_and_index_rows(tmp_path):
+    run = _bare_run(tmp_path)
+    assert Run.check_result_name(tmp_path, "evaluation", "my-set_1.0") == "my-set_1.0"
+    (tmp_path / "evaluation" / "on-disk").mkdir(parents=True)  # a folder without an index row still counts
+    run.write_result_set("evaluation", "listed", {}, seconds=0.0, options={})
+    (tmp_path / "evaluation" / "listed").rmdir()  # an index row without its folder still counts
+    for name in ("on-disk", "listed"):
+        with pytest.raises(ValueError, match=f"result set '{name}' already exists in .*; choose another --name"):
+            Run.check_result_name(tmp_path, "evaluation", name)
+    assert Run.check_result_name(tmp_path, "bdmc", "listed") == "listed"  # names are per kind
+    assert run.unused_result_name("evaluation", "fresh") == "fresh"
+    assert run.unused_result_name("evaluation", "on-disk") == "on-disk-2"
+    (tmp_path / "evaluation" / "on-disk-2").mkdir()
+    assert run.new_result_name("evaluation", None, default="on-disk") == "on-disk-3"
+    assert run.new_result_name("evaluation", "mine", default="on-disk") == "mine"
+
+
+def test_summary_prefers_the_most_recent_evaluation(tmp_path):
+    run = _bare_run(tmp_path)
+    atomic_write(tmp_path / "evaluation" / "summary.csv", "estimator,mean\nold,1\n")  # the layout before sets
+    assert run.summary()["estimator"].tolist() == ["old"]
+    atomic_write(tmp_path / "evaluation" / "fit" / "summary.csv", "estimator,mean\nfit,2\n")  # no index yet
+    assert run.summary()["estimator"].tolist() == ["fit"]
+    for name in ("first", "second"):
+        run.write_result_set("evaluation", name, {"summary.csv": pd.DataFrame({"estimator": [name]})},
+                             seconds=0.0, options={})
+    run.write_result_set("bdmc", "later", {"summary.csv": pd.DataFrame({"estimator": ["bdmc"]})},
+                         seconds=0.0, options={})
+    assert run.summary()["estimator"].tolist() == ["second"]  # bdmc sets are not evaluations

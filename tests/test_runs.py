@@ -186,7 +186,7 @@ def test_user_model_file_trains_and_reloads(tmp_path, monkeypatch):
     run = fit(spec, "moons", out, epochs=2, n_samples=200, hidden=[16], z_dim=2, eval_k=5, progress=False, plots=False)
     assert type(run.model).__name__ == "TinyVAE" and run.model.hidden == (16,)
     assert run.config.model == spec
-    assert pd.read_csv(out / "evaluation" / "summary.csv")["estimator"].tolist() == ["elbo", "iwae5"]
+    assert pd.read_csv(out / "evaluation" / "fit" / "summary.csv")["estimator"].tolist() == ["elbo", "iwae5"]
 
     _forget_user_modules(monkeypatch)  # load_run imports the file afresh
     loaded = load_run(out)

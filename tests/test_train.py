@@ -48,7 +48,7 @@ def digits_run(tmp_path_factory):
 def test_fit_writes_the_run_directory(digits_run):
     out = digits_run.path
     for name in ("config.json", "metrics.csv", "checkpoint.pt", "best.pt",
-                 "evaluation/summary.csv", "evaluation/per_datapoint.csv"):
+                 "evaluation/fit/summary.csv", "evaluation/fit/per_datapoint.csv"):
         assert (out / name).is_file(), name
     assert not (out / "plots").exists()  # plots=False
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
@@ -91,8 +91,8 @@ def test_checkpoints(digits_run):
 def test_evaluation_files(digits_run):
     out = digits_run.path
     test = digits_run.data.test
-    summary = pd.read_csv(out / "evaluation" / "summary.csv")
-    per = pd.read_csv(out / "evaluation" / "per_datapoint.csv")
+    summary = pd.read_csv(out / "evaluation" / "fit" / "summary.csv")
+    per = pd.read_csv(out / "evaluation" / "fit" / "per_datapoint.csv")
     assert list(summary.columns) == ["estimator", "mean", "stderr", "n", "seconds"]
     assert summary["estimator"].tolist() == ["elbo", "iwae10"]
     assert (summary["n"] == len(test)).all()
@@ -248,11 +248,27 @@ def test_resume_errors(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text(json.dumps(RunConfig(epochs=1).to_dict()))
-    with pytest.raises(ConfigError, match="checkpoint.pt"):
-        fit(out=out, resume=True, progress=False)
     with pytest.raises(ConfigError, match="cannot change lr"):
         fit(out=out, resume=True, lr=0.1)
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
+def test_a_run_without_a_checkpoint_is_resumed_from_epoch_1_or_started_again(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(RunConfig.from_dict({"epochs": 1, "max_examples": 64, "hidden": [8], "z_dim": 2}).to_dict()))
+    (out / ".metrics.csv.abc123.tmp").write_text("half a file")  # an interrupted write
+    run = fit(out=out, resume=True, progress=False, evaluate=False, plots=False)
+    assert run.metrics["epoch"].tolist() == [1]
+    assert not (out / ".metrics.csv.abc123.tmp").exists()
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "config.json").write_text("{}")  # what a killed first epoch leaves
+    run = fit("vae", "digits", again, epochs=2, max_examples=64, hidden=[8], z_dim=2, progress=False,
+              evaluate=False, plots=False)
+    assert run.metrics["epoch"].tolist() == [1, 2] and json.loads((again / "config.json").read_text())["epochs"] == 2
+    with pytest.raises(ConfigError, match="already exists; use --resume"):
+        fit("vae", "digits", again, epochs=1, max_examples=64, progress=False)
 
 
 # --------------------------------------------------------------------------- #
