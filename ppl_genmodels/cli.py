@@ -293,7 +293,12 @@ COMMANDS = {"fit": _fit, "sample": _sample, "evaluate": _evaluate, "bdmc": _bdmc
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    empty = [a.split("=")[0] for a in argv if a.startswith("--") and a.endswith("=--")]
+    if empty:  # argparse would take "--opt=--" as an empty list and skip the option's type
+        parser.error(f"argument {empty[0]}: expected one value, got '--'")
+    args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except TrainingDiverged as err:

@@ -33,6 +33,7 @@ import importlib.util
 import inspect
 import json
 import math
+import re
 import sys
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -200,6 +201,7 @@ class RunConfig:
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.particles >= 1, f"particles must be >= 1, got {self.particles}"),
+            (0 <= self.seed < 2**32, f"seed must be in 0..2**32-1, got {self.seed}"),
             (self.eval_k >= 1, f"eval_k must be >= 1, got {self.eval_k}"),
             (self.elbo in OBJECTIVES, f"unknown objective {self.elbo!r}; choose one of {', '.join(OBJECTIVES)}"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"),
@@ -216,15 +218,16 @@ class RunConfig:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else is checked."""
+    """``auto`` -> CUDA when available, else CPU; ``cpu``, ``cuda`` and ``cuda:N`` are checked; nothing else."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if not isinstance(name, str) or re.fullmatch(r"cpu|cuda(:\d+)?", name) is None:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -401,8 +404,9 @@ def _record(config: RunConfig, cls, kwargs: dict) -> None:
             used.update(used.pop(name, {}))
         elif p.kind is inspect.Parameter.VAR_POSITIONAL:
             used.pop(name, None)
+    given = set(config.model_args)
     for name, value in used.items():
-        if name in DATA_ARGUMENTS:
+        if name in DATA_ARGUMENTS or name in given:
             continue
         if isinstance(value, tuple):
             value = list(value)
@@ -417,13 +421,15 @@ def _record(config: RunConfig, cls, kwargs: dict) -> None:
 
 
 def _fits_field(name: str, value) -> bool:
-    """Whether a constructor value has the type of the :class:`RunConfig` field of the same name."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    """Whether a constructor value is valid for the :class:`RunConfig` field of the same name."""
+    if value is None:
+        return True
     if name == "z_dim":
-        return value is None or (isinstance(value, int) and not isinstance(value, bool))
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
     if name == "hidden":
-        return value is None or (isinstance(value, list) and all(isinstance(h, int) for h in value))
-    return value is None or number
+        return isinstance(value, list) and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1
+                                               for h in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def build_model(config: RunConfig, dataset: Dataset, model=None) -> Program:

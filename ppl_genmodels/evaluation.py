@@ -194,7 +194,7 @@ def _resolve_estimators(model, estimators, k) -> list[EstimatorSpec]:
     specs = parse_estimators(DEFAULT_ESTIMATORS if estimators is None else estimators)
     names = [s.name for s in specs]
     if model is not None and "exact" in names and not _has_exact(model):
-        raise ValueError(f"estimator exact needs a model with exact_log_marginal; {type(model).__name__} has none")
+        raise ValueError(f"estimator exact needs a model with exact_log_marginal; {type(getattr(model, 'module', model)).__name__} has none")
     if model is not None and "exact" not in names and _has_exact(model):
         specs.append(EstimatorSpec("exact"))
     return specs

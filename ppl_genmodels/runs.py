@@ -215,12 +215,22 @@ def remove_leftovers(path) -> list[Path]:
     return leftovers
 
 
-def remove_if_empty(path) -> None:
-    """Remove the directory ``path`` if nothing is in it (a run that failed before writing anything)."""
-    try:
-        Path(path).rmdir()
-    except OSError:
-        pass
+def remove_if_empty(path, up_to=None) -> None:
+    """Remove the directory ``path`` if nothing is in it, then its empty parents up to ``up_to`` (inclusive).
+
+    A run that failed before writing anything leaves no folder behind, not even
+    the parents its directory needed.
+    """
+    path = Path(path)
+    stop = Path(up_to) if up_to is not None else path
+    while True:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        if path == stop or path.parent == path:
+            return
+        path = path.parent
 
 
 def write_csv(path, frame: pd.DataFrame) -> Path:
@@ -234,12 +244,22 @@ def save_checkpoint(path, payload: dict) -> Path:
 
 
 def _archive_damage(path: Path) -> str | None:
-    """What is wrong with the zip archive ``torch.save`` writes, or None (each member's CRC is checked)."""
+    """What is wrong with the zip archive ``torch.save`` writes, or None.
+
+    ``torch.save`` writes stored (uncompressed), unencrypted file members; anything
+    else (a folder bit, another compression method, an encryption flag: one flipped
+    bit in a header) means damage, since PyTorch's reader would not read the member
+    faithfully. Every member's CRC is then checked.
+    """
     try:
         with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.is_dir() or info.external_attr & 0x10 or info.compress_type != zipfile.ZIP_STORED \
+                        or info.flag_bits & 0x1:
+                    return f"member {info.filename} has a damaged header"
             bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        return f"not a complete archive: {str(err) or type(err).__name__}"
+    except Exception as err:  # zipfile raises many types for damaged headers
+        return f"not a complete archive: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
     return None if bad is None else f"member {bad} fails its checksum"
 
 

@@ -331,15 +331,25 @@ def fit(
                    else _new_config(model, data, out, options))
     if out.exists() and not out.is_dir():
         raise ConfigError(f"run directory {out} already exists as a file; choose another --out")
-    created = not out.exists()
+    created = _first_missing(out)
     try:
         with runs.locked(out, "fit --resume" if resume else "fit"):
             return _fit_locked(config, out, None if isinstance(model, str) else model, resume, progress, evaluate,
                                plots)
     except BaseException:
-        if created:
-            runs.remove_if_empty(out)  # a run that failed before writing anything leaves no directory
+        if created is not None:
+            runs.remove_if_empty(out, up_to=created)  # a run that failed before writing anything leaves nothing
         raise
+
+
+def _first_missing(out: Path) -> Path | None:
+    """The outermost folder of ``out`` that does not exist yet (``out`` itself, or a parent), or None."""
+    missing = None
+    for folder in [out, *out.parents]:
+        if folder.exists():
+            return missing
+        missing = folder
+    return missing
 
 
 def _fit_locked(config: RunConfig, out: Path, model, resume: bool, progress: bool, evaluate: bool,
