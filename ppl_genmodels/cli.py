@@ -304,6 +304,13 @@ def main(argv=None) -> int:
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except (MemoryError, RuntimeError) as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not isinstance(err, MemoryError) and "memory" not in text.lower():
+            raise
+        print(f"error: out of memory ({text[:200]}); use fewer --particles, a smaller --batch-size or --n",
+              file=sys.stderr)
+        return 1
     except (DataError, ConfigError, TraceError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
