@@ -32,6 +32,7 @@ plot_gap_histogram         per-datapoint approximation and amortization gaps.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from pathlib import Path
@@ -43,7 +44,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ppl_genmodels.evaluation import log_density_grid
-from ppl_genmodels.runs import as_run, atomic_write
+from ppl_genmodels.runs import as_run, atomic_write, locked
 from ppl_genmodels.traces import generate, reconstruct
 
 __all__ = [
@@ -537,10 +538,16 @@ def sample_run(run, n: int = 64, path=None, *, label: int | None = None, seed: i
     if label is not None and run.data.condition != "label":
         raise ValueError(f"--label needs a run conditioned on class labels (--condition label); this run is "
                          f"{'conditioned on ' + run.data.condition if run.data.condition else 'unconditioned'}")
+    path = Path(path) if path is not None else run.folder("plots") / f"samples_{n}.png"
+    inside = path.resolve().is_relative_to(Path(run.path).resolve())
+    with locked(run.path, "sample") if inside else contextlib.nullcontext():  # a file in the run: one writer
+        return _draw_samples(run, n, path, label, seed)
+
+
+def _draw_samples(run, n: int, path: Path, label: int | None, seed: int | None) -> Path:
     if seed is not None:
         torch.manual_seed(seed)
     data = run.data
-    path = Path(path) if path is not None else run.folder("plots") / f"samples_{n}.png"
     if data.condition == "quadrants":
         n = min(n, len(data.test.y))
     template = data.test.x.new_zeros((n, data.x_dim))

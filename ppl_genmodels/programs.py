@@ -133,7 +133,7 @@ class Program(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             module = self.__dict__.get("_modules", {}).get("module", self.__dict__.get("module"))
-            if module is None or name.startswith("__"):
+            if module is None or name.startswith("_"):
                 raise
             return getattr(module, name)
 
