@@ -22,7 +22,11 @@ read each other's ``pyro.param`` values. Each program therefore keeps its own
 store state, swapped in around every call with Pyro's ``ParamStoreDict.scope``;
 the values ``pyro.param`` creates are adopted as ``nn.Parameter``\\ s of the
 program (``Program.pyro_params``), so ``Program.parameters()`` hands them to the
-optimizer and ``Program.to(device)`` moves them.
+optimizer and ``Program.to(device)`` moves them. :meth:`Program.check` runs
+the pair once before training, so every ``pyro.param`` the first calls create
+exists when the optimizer is built; one that appears only on some later call (a
+branch the first datapoints never take) is adopted then, but the optimizer
+built at the start does not update it.
 """
 
 from __future__ import annotations
