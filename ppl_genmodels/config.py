@@ -132,6 +132,9 @@ class RunConfig:
                                             "(default 64,64 for data of <= 3 dimensions, else 256)",
                                       parse=parse_int_list)
     scale: float | None = option(None, "fixed Gaussian observation scale (default: learned)")
+    guide: str | None = option(None, "guide family of the built-in models: diag, fullrank, iaf:N (default diag)")
+    activation: str | None = option(None, "hidden-layer activation of the built-in networks, e.g. relu, tanh "
+                                          "(default relu)")
     model_args: dict = option(factory=dict, help="extra constructor argument for the model (JSON value), repeatable",
                               parse=parse_key_value, flag="--model-arg", metavar="KEY=VALUE", repeat=True)
     data_arg: str | None = option(None, "the argument of model() and guide() that receives the data, when it "
@@ -142,6 +145,9 @@ class RunConfig:
                                          "(load it again with load_run(path, model=instance))", cli=False)
     elbo: str = option("trace", "training objective", choices=OBJECTIVES)
     particles: int = option(1, "particles per datapoint for the objective (K of IWAE-K)")
+    beta: float = option(1.0, "weight of the KL term (log p(z) - log q(z)) in ELBO-family objectives; the "
+                              "validation and test bounds are always unweighted")
+    kl_warmup: int = option(0, "epochs of linear warm-up of the KL weight from 0 to --beta (0: none)")
     optimizer: str = option("adam", "optimizer", choices=OPTIMIZERS)
     lr: float = option(1e-3, "learning rate")
     batch_size: int = option(128, "datapoints per minibatch")
@@ -337,7 +343,7 @@ def model_spec_string(spec) -> str:
 #: constructor arguments the data determines (a class receives those it names)
 DATA_ARGUMENTS = ("x_dim", "y_dim", "likelihood", "n_levels", "y_kind")
 #: constructor arguments set by options of their own (the rest come through --model-arg)
-SIZE_ARGUMENTS = ("z_dim", "hidden", "scale")
+SIZE_ARGUMENTS = ("z_dim", "hidden", "scale", "guide", "activation")
 
 
 def _data_values(dataset: Dataset) -> dict:
@@ -429,6 +435,8 @@ def _fits_field(name: str, value) -> bool:
     if name == "hidden":
         return isinstance(value, list) and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1
                                                for h in value)
+    if name in ("guide", "activation"):
+        return isinstance(value, str)
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
