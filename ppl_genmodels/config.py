@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from ppl_genmodels.data import DataOptions, Dataset, load_dataset
-from ppl_genmodels.inference.objectives import OBJECTIVES
+from ppl_genmodels.inference.objectives import KL_WEIGHTED, OBJECTIVES, ObjectiveNames, parse_objective
 from ppl_genmodels.models import REGISTRY
 from ppl_genmodels.programs import Program
 from ppl_genmodels.traces import TraceError
@@ -143,11 +143,14 @@ class RunConfig:
                                             "differs is not opened without --trust-model-file", cli=False)
     model_instance: bool = option(False, "the run was trained on a model instance passed to the Python API "
                                          "(load it again with load_run(path, model=instance))", cli=False)
-    elbo: str = option("trace", "training objective", choices=OBJECTIVES)
+    elbo: str = field(default="trace", metadata={  # the choices also accept renyi:ALPHA (checked by validate)
+        **option(help="training objective: " + ", ".join(OBJECTIVES) + " (ALPHA < 1; see the README's "
+                 "Objectives)").metadata, "choices": ObjectiveNames()})
     particles: int = option(1, "particles per datapoint for the objective (K of IWAE-K)")
     beta: float = option(1.0, "weight of the KL term (log p(z) - log q(z)) in ELBO-family objectives; the "
                               "validation and test bounds are always unweighted")
-    kl_warmup: int = option(0, "epochs of linear warm-up of the KL weight from 0 to --beta (0: none)")
+    kl_warmup: int = option(0, "epochs of linear warm-up of the KL weight: epoch e of E trains with "
+                                "beta * e / E, then beta (0: none)")
     optimizer: str = option("adam", "optimizer", choices=OPTIMIZERS)
     lr: float = option(1e-3, "learning rate")
     batch_size: int = option(128, "datapoints per minibatch")
@@ -195,7 +198,7 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Check the training options (the data options are checked by :meth:`load_data`)."""
-        for name in ("lr", "scale"):
+        for name in ("lr", "scale", "beta"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ConfigError(f"{name} must be a finite number, got {value}")
@@ -209,7 +212,6 @@ class RunConfig:
             (self.particles >= 1, f"particles must be >= 1, got {self.particles}"),
             (0 <= self.seed < 2**32, f"seed must be in 0..2**32-1, got {self.seed}"),
             (self.eval_k >= 1, f"eval_k must be >= 1, got {self.eval_k}"),
-            (self.elbo in OBJECTIVES, f"unknown objective {self.elbo!r}; choose one of {', '.join(OBJECTIVES)}"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"),
             (self.z_dim is None or self.z_dim >= 1, f"z_dim must be >= 1, got {self.z_dim}"),
             (self.hidden is None or all(h >= 1 for h in self.hidden), f"hidden sizes must be >= 1, got {self.hidden}"),
@@ -219,6 +221,18 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        # the objective (renyi:ALPHA with a valid alpha), and a KL weight only where there is a KL term
+        try:
+            base, _ = parse_objective(self.elbo)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if not self.beta >= 0:
+            raise ConfigError(f"beta must be >= 0, got {self.beta}")
+        if isinstance(self.kl_warmup, bool) or not isinstance(self.kl_warmup, int) or self.kl_warmup < 0:
+            raise ConfigError(f"kl_warmup must be a whole number of epochs >= 0, got {self.kl_warmup}")
+        if base not in KL_WEIGHTED and (self.beta != 1 or self.kl_warmup != 0):
+            raise ConfigError(f"--beta and --kl-warmup weight the KL term of the ELBO-family objectives "
+                              f"({', '.join(KL_WEIGHTED)}); --elbo {self.elbo} has none (use beta 1, kl_warmup 0)")
         resolve_device(self.device)
         return self
 

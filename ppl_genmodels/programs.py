@@ -31,6 +31,7 @@ built at the start does not update it.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Callable
@@ -181,6 +182,36 @@ class Program(nn.Module):
             if key is not None:
                 self._store["params"][name] = self.pyro_params[key]
         return result
+
+    @contextlib.contextmanager
+    def parameters_detached(self):
+        """A block in which every parameter of the program is a detached copy: the same values, no gradient.
+
+        Both kinds are covered: the module's own ``nn.Parameter``\\ s (swapped in each
+        submodule, as ``torch.func.functional_call`` does) and the values ``pyro.param``
+        returns (swapped in the program's param-store state), so a density computed in
+        the block has gradients only through its inputs (e.g. reparameterised latents),
+        never to a parameter. Everything is restored when the block ends.
+        """
+        copies: dict[int, torch.Tensor] = {}
+
+        def detached(p: torch.Tensor) -> torch.Tensor:
+            if id(p) not in copies:
+                copies[id(p)] = p.detach()
+            return copies[id(p)]
+
+        saved = [(m._parameters, dict(m._parameters)) for m in self.modules()]
+        store = dict(self._store["params"])
+        for table, original in saved:
+            table.update({name: detached(p) for name, p in original.items() if p is not None})
+        self._store["params"] = {name: detached(p) for name, p in store.items()}
+        try:
+            yield self
+        finally:
+            for table, original in saved:
+                table.update(original)
+            # each call replaces the state's dict; a parameter created inside the block stays
+            self._store["params"] = {**self._store["params"], **store}
 
     def check(self, x, y=None) -> int:
         """Trace the pair on a few datapoints; returns its plate nesting. Contract errors name the site.

@@ -58,6 +58,7 @@ __all__ = [
     "latent_layout",
     "STARTS",
     "LogJoint",
+    "Particles",
 ]
 
 #: proposals of :func:`log_weights`: the guide q(z | x, y), the prior p(z | y), or their defensive mixture
@@ -497,3 +498,100 @@ class LogJoint:
         batch = self.x.shape[0]
         values = {s.name: trace.nodes[s.name]["value"].expand((chains, batch) + s.event_shape) for s in self.layout.sites}
         return self.layout.pack(values, (chains, batch))
+
+
+# ---------------------------------------------------------------------------------------------
+# Particles: one draw of the latents, and the pair's log densities at those values
+# ---------------------------------------------------------------------------------------------
+
+
+def _detached_values(trace):
+    """A copy of ``trace`` whose sample values are cut from the graph that made them (the sites are copied)."""
+    copy = trace.copy()
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and isinstance(site["value"], torch.Tensor):
+            copy.nodes[name] = {**site, "value": site["value"].detach()}
+    return copy
+
+
+@dataclass
+class Particles:
+    """K particles of the latents per datapoint, drawn from the guide, and the pair's log densities there.
+
+    :meth:`draw` runs the guide once under the ``particles`` plate: ``trace`` holds the
+    latent values ``[K, B, ...]`` (reparameterised where the guide's sites allow it,
+    so they keep the graph back to the guide's parameters). The densities are then
+    taken by replaying a program against those values, which is how objectives
+    choose where gradients flow: replay under a parameters-detached block
+    (:meth:`ppl_genmodels.programs.Program.parameters_detached`) for a density whose
+    parameters are stopped, or replay :meth:`detached` particles for a density whose
+    latents are stopped. Every density is ``[particles, batch]``; every sample site
+    must be inside ``pyro.plate("data")`` (the model contract).
+    """
+
+    trace: object  # the guide's pyro Trace (subsample sites kept, for replay)
+    x: torch.Tensor
+    y: torch.Tensor | None
+    num_particles: int
+    nesting: int
+
+    @classmethod
+    def draw(cls, guide: Callable, x: torch.Tensor, y: torch.Tensor | None = None, *, num_particles: int = 1,
+             nesting: int) -> "Particles":
+        """z_k ~ q(z | x, y), k = 1..K, for every datapoint: one vectorized pass of ``guide``."""
+        if num_particles < 1:
+            raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+        program = _in_particle_plate(guide, num_particles, -nesting - 1)
+        return cls(poutine.trace(program).get_trace(x, y), x, y, num_particles, nesting)
+
+    @property
+    def particle_dim(self) -> int:
+        return -self.nesting - 1
+
+    def detached(self) -> "Particles":
+        """The same latent values, cut from the graph that made them (densities there keep their parameters' graph)."""
+        return Particles(_detached_values(self.trace), self.x, self.y, self.num_particles, self.nesting)
+
+    def not_reparameterized(self) -> list[str]:
+        """The guide's latent sites drawn without ``rsample`` (their values carry no gradient to the guide)."""
+        return [name for name, site in prune_subsample_sites(self.trace).nodes.items()
+                if site["type"] == "sample" and not site["is_observed"] and not site["fn"].has_rsample]
+
+    def _densities(self, trace, known=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum over latent sites, sum over observed sites) of a trace's log densities, each ``[K, B]``."""
+        shape = (self.num_particles, self.x.shape[0])
+        latent = observed = None
+        for name, site in prune_subsample_sites(trace).nodes.items():
+            if site["type"] != "sample":
+                continue
+            lp = _site_log_prob(site, self.particle_dim, self.num_particles, self.x.shape[0])
+            if site["is_observed"]:
+                observed = lp if observed is None else observed + lp
+                continue
+            if known is not None and name not in known.nodes:
+                raise TraceError(f"latent site {name!r} of the model is not sampled by the guide: add "
+                                 f"pyro.sample({name!r}, ...) to the guide, inside pyro.plate({DATA_PLATE!r})")
+            latent = lp if latent is None else latent + lp
+        if latent is None and observed is None:
+            raise TraceError("the program has no sample sites to weigh")
+        like = latent if latent is not None else observed
+        zeros = like.new_zeros(shape)
+        return (zeros if latent is None else latent), (zeros if observed is None else observed)
+
+    def log_q(self) -> torch.Tensor:
+        """log q(z | x, y) ``[K, B]`` from the draw itself (no second pass of the guide)."""
+        return self._densities(self.trace)[0]
+
+    def replay(self, program: Callable):
+        """The trace of ``program`` (run under the ``particles`` plate) with its latents set to these values."""
+        run = poutine.replay(_in_particle_plate(program, self.num_particles, self.particle_dim), trace=self.trace)
+        return poutine.trace(run).get_trace(self.x, self.y)
+
+    def model_log_densities(self, model: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p(z | y), log p(x | z, y)), each ``[K, B]``: the model replayed against the particles."""
+        return self._densities(self.replay(model), known=self.trace)
+
+    def guide_log_density(self, guide: Callable) -> torch.Tensor:
+        """log q(z | x, y) ``[K, B]``: the guide replayed against the particles (a fresh pass, e.g. with its
+        parameters detached)."""
+        return self._densities(self.replay(guide))[0]

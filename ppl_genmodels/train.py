@@ -38,7 +38,7 @@ from ppl_genmodels import runs
 from ppl_genmodels.config import (OPTIMIZERS, ConfigError, RunConfig, build_model, check_model_file, file_sha256,
                                   is_instance, model_file, model_spec_string, resolve_device)
 from ppl_genmodels.evaluation import evaluate_run
-from ppl_genmodels.inference.objectives import make_objective
+from ppl_genmodels.inference.objectives import kl_weight, make_objective
 from ppl_genmodels.plots import plot_run
 from ppl_genmodels.programs import Program
 from ppl_genmodels.runs import Run, load_checkpoint, save_checkpoint, write_csv
@@ -195,7 +195,7 @@ def _start(config: RunConfig, out: Path, model) -> _Training:
     dataset, net = dataset.to(device), net.to(device)
     x, y = next(iter(dataset.batches("train", min(8, len(dataset.train.x)))))
     nesting = net.check(x, y)
-    objective = make_objective(config.elbo, config.particles, nesting)
+    objective = make_objective(config.elbo, config.particles, nesting, detached=net.parameters_detached)
     trainer = Trainer(net, objective, OPTIMIZERS[config.optimizer](net.parameters(), lr=config.lr))
     return _Training(out, config, dataset, net, trainer, device, torch.Generator().manual_seed(config.seed))
 
@@ -236,6 +236,8 @@ def _kept(run: _Training, last_epoch: int) -> str:
 def _train_epoch(run: _Training, epoch: int, last_epoch: int, bar) -> float:
     """One pass over the shuffled training batches; returns the mean training ELBO per datapoint."""
     run.net.train()
+    if hasattr(run.trainer.objective, "kl_weight"):  # the ELBO family: this epoch's KL weight (exact on resume)
+        run.trainer.objective.kl_weight = kl_weight(run.config.beta, run.config.kl_warmup, epoch)
     total, count = 0.0, 0
     for step, (x, y) in enumerate(run.dataset.batches("train", run.config.batch_size, shuffle=True,
                                                       generator=run.shuffle)):

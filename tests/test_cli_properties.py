@@ -26,6 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ppl_genmodels import cli
+from ppl_genmodels.config import OPTIMIZERS
+from ppl_genmodels.inference.objectives import OBJECTIVES
 from ppl_genmodels.models import REGISTRY
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -187,9 +189,9 @@ FIT_OPTIONS = {
     "model": _bad_model().map(lambda v: [f"--model={v}"]),
     "model-arg": _bad_model_arg().map(lambda v: [f"--model-arg={v}"]),
     "elbo": st.text(LETTERS, min_size=1, max_size=8).filter(
-        lambda s: s not in ("trace", "meanfield", "iwae")).map(lambda v: [f"--elbo={v}"]),
+        lambda s: s not in OBJECTIVES).map(lambda v: [f"--elbo={v}"]),
     "optimizer": st.text(LETTERS, min_size=1, max_size=8).filter(
-        lambda s: s not in ("adam", "adamw", "sgd", "rmsprop")).map(lambda v: [f"--optimizer={v}"]),
+        lambda s: s not in OPTIMIZERS).map(lambda v: [f"--optimizer={v}"]),
     "val-fraction": _bad_fraction().map(lambda v: [f"--val-fraction={v}"]),
     "test-fraction": _bad_fraction().map(lambda v: [f"--test-fraction={v}"]),
     "noise": st.one_of(st.floats(max_value=-1e-9).map(repr), st.sampled_from(["nan", "inf", "abc"])).map(
