@@ -14,6 +14,7 @@ from ppl_genmodels.data import DataError, DataOptions, Dataset, load_dataset
 from ppl_genmodels.evaluation import bdmc_run, evaluate, evaluate_run, log_density_grid
 from ppl_genmodels.plots import plot_run, sample_run
 from ppl_genmodels.runs import Run, load_run
+from ppl_genmodels.sweep import sweep
 from ppl_genmodels.traces import TraceError, generate, log_weights, reconstruct
 from ppl_genmodels.train import Trainer, TrainingDiverged, fit
 
@@ -26,6 +27,7 @@ __all__ = [
     "evaluate_run",
     "bdmc_run",
     "compare_run",
+    "sweep",
     "sample_run",
     "plot_run",
     "log_density_grid",

@@ -24,6 +24,7 @@ from ppl_genmodels.inference.mcmc import MCMC_METHODS
 from ppl_genmodels.models import DESCRIPTIONS
 from ppl_genmodels.plots import sample_run
 from ppl_genmodels.runs import CheckpointError, Run, load_run
+from ppl_genmodels.sweep import SPEC_FILE, TABLE_FILE, sweep
 from ppl_genmodels.traces import PROPOSALS, STARTS, TraceError
 from ppl_genmodels.train import TrainingDiverged, fit
 
@@ -143,6 +144,15 @@ def _evaluation_parsers(sub) -> None:
     _run_options(compare, seed=True)
 
 
+def _sweep_parser(sub) -> None:
+    sweep_cmd = sub.add_parser("sweep", help="train and evaluate a grid of fit options: one run per cell, one table")
+    sweep_cmd.add_argument("spec", help="sweep spec, a .toml or .json file: fit options shared by every cell, a grid "
+                           "table (option = [values]; the cells are their product), an evaluate table")
+    sweep_cmd.add_argument("--out", required=True, help="sweep directory: a run directory per cell, sweep.csv, "
+                           "plots/; a sweep started again there skips its finished cells")
+    sweep_cmd.add_argument("--quiet", action="store_true", help="no progress lines or bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppl-genmodels", description="Deep latent-variable generative models as Pyro programs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", help="device to load the run on (default: the training device, else auto)")
     _trust_option(sample)
     _evaluation_parsers(sub)
+    _sweep_parser(sub)
     sub.add_parser("models", help="list the built-in models")
     sub.add_parser("datasets", help="list the built-in datasets")
     return parser
@@ -272,6 +283,19 @@ def _compare(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    table = sweep(args.spec, args.out, progress=not args.quiet)
+    print(f"sweep directory: {args.out}  ({len(table)} cells; {TABLE_FILE}, {SPEC_FILE}, plots/, a run directory "
+          "per cell)")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    diverged = table.attrs.get("diverged")
+    if diverged:
+        print(f"error: training diverged in {len(diverged)} cell(s), left out of the table: {', '.join(diverged)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def _list(table: dict, header: str) -> int:
     width = max(len(k) for k in table)
     print(f"{header:<{width}}  description")
@@ -289,7 +313,7 @@ def _datasets(args) -> int:
 
 
 COMMANDS = {"fit": _fit, "sample": _sample, "evaluate": _evaluate, "bdmc": _bdmc, "compare": _compare,
-            "models": _models, "datasets": _datasets}
+            "sweep": _sweep, "models": _models, "datasets": _datasets}
 
 
 def main(argv=None) -> int:

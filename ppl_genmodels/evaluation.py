@@ -39,7 +39,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyro
 import torch
+from pyro import poutine
 from tqdm.auto import tqdm
 
 from ppl_genmodels import tables
@@ -47,7 +49,8 @@ from ppl_genmodels.data import Split
 from ppl_genmodels.inference import ais as ais_module
 from ppl_genmodels.inference.importance import ROWS_PER_PASS, Estimate, batched_estimates
 from ppl_genmodels.runs import as_run, writer
-from ppl_genmodels.traces import PROPOSALS, STARTS, log_mean_exp, log_weights, max_plate_nesting
+from ppl_genmodels.traces import (DATA_PLATE, PARTICLE_PLATE, PROPOSALS, STARTS, log_mean_exp, log_weights,
+                                  max_plate_nesting, plate_dims, seeded_from)
 
 __all__ = [
     "EstimatorSpec",
@@ -58,6 +61,8 @@ __all__ = [
     "bdmc_run",
     "bdmc_name",
     "log_density_grid",
+    "ActiveUnits",
+    "active_units",
 ]
 
 _AIS_ROWS = 16_384       # chains x datapoints per AIS batch (each HMC step back-propagates through them)
@@ -414,3 +419,87 @@ def log_density_grid(model, points: torch.Tensor, *, grid_size: int = 80, k: int
                             proposal=proposal, nesting=nesting)
         out.append(log_mean_exp(log_w, 0))
     return gx.cpu().numpy(), gy.cpu().numpy(), torch.cat(out).reshape(grid_size, grid_size).cpu().numpy()
+
+
+#: Burda et al.'s threshold on Var_x(E_q[u | x]) above which a latent dimension u counts as active
+ACTIVE_THRESHOLD = 1e-2
+
+
+@dataclass
+class ActiveUnits:
+    """The active latent units of a guide on some datapoints (Burda, Grosse & Salakhutdinov 2016).
+
+    ``variance``: per latent site of the guide, A_u = Var_x(E_q[u | x]) of each of its
+    dimensions (the site's event, flattened in its own order) ``[dims]``, float64 on the CPU;
+    ``counts``: per site, how many dimensions exceed ``threshold``; ``total``: their sum;
+    ``dims``: the number of latent dimensions; ``n``: the datapoints x ran over.
+    """
+
+    variance: dict[str, torch.Tensor]
+    counts: dict[str, int]
+    total: int
+    dims: int
+    threshold: float
+    n: int
+
+
+def _posterior_means(site, particle_dim: int) -> torch.Tensor:
+    """E_q[u | x] of one guide site, averaged over its particles: ``[batch, dims]``.
+
+    The mean of the site's distribution where it has a finite one (exact for a guide
+    site whose parameters depend on x alone; for a site that depends on other latents,
+    the average of its conditional means over the particles, by the tower rule), else
+    the average of the draws themselves.
+    """
+    fn, value = site["fn"], site["value"]
+    try:
+        mean = fn.mean
+    except NotImplementedError:
+        mean = value
+    mean = (mean if torch.isfinite(mean).all() else value).expand(value.shape)
+    event = len(fn.event_shape)
+    mean = mean.movedim((particle_dim - event, plate_dims(site)[DATA_PLATE] - event), (0, 1))
+    return mean.reshape(mean.shape[0], mean.shape[1], -1).double().mean(0)
+
+
+@torch.no_grad()
+def active_units(program, x: torch.Tensor, y: torch.Tensor | None = None, *, samples: int = 100,
+                 threshold: float = ACTIVE_THRESHOLD, batch_size: int | None = None,
+                 generator: torch.Generator | None = None) -> ActiveUnits:
+    """Count the active latent units of ``program``'s guide on the datapoints ``x`` (``y``: their conditioning).
+
+    Burda et al. (2016, section 5.2) call a latent dimension u active when
+    A_u = Cov_x(E_{q(u | x)}[u]) > 10^-2: the guide's mean of u moves with x. Each
+    latent site of the guide inside ``pyro.plate("data")`` is drawn ``samples`` times per
+    datapoint (one vectorized pass under a particle plate, ``batch_size`` datapoints at a
+    time); E_q[u | x] is the mean of the site's distribution when it has one, else the
+    average of the draws (their Monte Carlo noise, of variance Var_q(u | x) / samples,
+    then adds to A_u). A_u is the variance over the datapoints (divided by n) of each
+    dimension. ``program`` is a model/guide pair called as ``model(x, y)`` / ``guide(x, y)``
+    (a :class:`~ppl_genmodels.programs.Program` or a built-in model); ``generator`` seeds
+    the draws (None: torch's global stream).
+    """
+    _check_positive(samples=samples, batch_size=batch_size)
+    if x.shape[0] < 2:
+        raise ValueError(f"active units need at least 2 datapoints, got {x.shape[0]}")
+    nesting = max_plate_nesting(program.model, program.guide, x[:1], None if y is None else y[:1])
+    particle_dim = -nesting - 1
+
+    def draws(xb, yb):
+        with pyro.plate(PARTICLE_PLATE, samples, dim=particle_dim):
+            return program.guide(xb, yb)
+
+    batch = batch_size or max(1, ROWS_PER_PASS // samples)
+    means: dict[str, list[torch.Tensor]] = {}
+    with seeded_from(generator):
+        for xb, yb in _batches(Split(x, y, torch.arange(x.shape[0])), x.shape[0], batch):
+            trace = poutine.trace(draws).get_trace(xb, yb)
+            for name, site in trace.nodes.items():
+                if site["type"] == "sample" and not site["is_observed"] and DATA_PLATE in plate_dims(site):
+                    means.setdefault(name, []).append(_posterior_means(site, particle_dim).cpu())
+    if not means:
+        raise ValueError(f"the guide has no latent sites inside pyro.plate({DATA_PLATE!r})")
+    variance = {name: torch.cat(parts).var(0, unbiased=False) for name, parts in means.items()}
+    counts = {name: int((value > threshold).sum()) for name, value in variance.items()}
+    return ActiveUnits(variance, counts, sum(counts.values()), sum(v.numel() for v in variance.values()),
+                       float(threshold), int(x.shape[0]))

@@ -18,6 +18,7 @@ plot_run                   everything ``fit`` draws into ``RUN_DIR/plots``.
 sample_run                 draws from a trained model, as an image grid or a scatter.
 plot_comparison            the figures of ``compare`` (gap histograms, 2-D posteriors).
 data_images                flat pixel vectors of a dataset -> [n, H, W] images.
+plot_sweep                 the figures of a sweep (validation curves, log p(x) per cell).
 
 Primitives:
 
@@ -28,6 +29,8 @@ assemble_quadrant_images   put visible / predicted pixel values back into images
 plot_density_2d            learned 2-D density next to the data and true manifold.
 plot_posteriors_2d         draws of a 2-D latent from several inference methods.
 plot_gap_histogram         per-datapoint approximation and amortization gaps.
+plot_validation_curves     validation ELBO curves of several runs, overlaid.
+plot_logpx                 log p(x) and the ELBO per sweep cell, with error bars.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ __all__ = [
     "plot_points_2d",
     "plot_posteriors_2d",
     "plot_gap_histogram",
+    "plot_sweep",
+    "plot_validation_curves",
+    "plot_logpx",
 ]
 
 DPI = 100
@@ -611,3 +617,61 @@ def plot_comparison(comparison, folder) -> list[Path]:
         written.append(plot_posteriors_2d(panels, folder / "posteriors.png",
                                           titles=[f"datapoint {index[b]}" for b in shown]))
     return written
+
+
+# ---------------------------------------------------------------------------
+# sweeps
+# ---------------------------------------------------------------------------
+
+
+def plot_validation_curves(curves: dict, path, *, title: str | None = None) -> Path:
+    """Validation ELBO per epoch of several runs, overlaid; ``curves``: label -> metrics (``epoch``, ``val_elbo``)."""
+    fig = _new_figure((8, 5) if len(curves) <= 8 else (11, 5))
+    ax = fig.add_subplot()
+    for i, (label, metrics) in enumerate(curves.items()):
+        epoch = pd.to_numeric(metrics["epoch"]).to_numpy(dtype=float)
+        val = pd.to_numeric(metrics["val_elbo"]).to_numpy(dtype=float)
+        keep = np.isfinite(val)
+        style = ("-", "--", ":", "-.")[(i // 10) % 4]  # ten colours, then the next line style
+        ax.plot(epoch[keep], val[keep], style, marker="o" if keep.sum() <= 1 else None, ms=4, color=f"C{i % 10}",
+                label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation ELBO (nats / datapoint)")
+    ax.set_title(title or "validation ELBO of every cell")
+    ax.grid(alpha=0.3)
+    if curves:
+        if len(curves) <= 8:
+            ax.legend(fontsize="small")
+        else:
+            ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(fig, path)
+
+
+def plot_logpx(table: pd.DataFrame, path, *, title: str | None = None) -> Path:
+    """log p(x) per sweep cell with +-1 standard-error bars, beside its ELBO.
+
+    ``table`` has ``run_dir`` (the labels), ``log_px``, ``log_px_se`` and, when present,
+    ``log_px_source``, ``test_elbo`` and ``test_elbo_se`` (a ``sweep.csv``).
+    """
+    labels = [str(label).replace(",", ", ") for label in table["run_dir"]]
+    rows = np.arange(len(labels))[::-1]
+    fig = _new_figure((9, max(3.0, 0.4 * len(labels) + 1.5)))
+    ax = fig.add_subplot()
+    sources = sorted({str(s) for s in table.get("log_px_source", pd.Series(dtype=str)).dropna() if str(s)})
+    ax.errorbar(pd.to_numeric(table["log_px"]), rows, xerr=pd.to_numeric(table["log_px_se"]), fmt="o",
+                color="tab:blue", capsize=3, label=f"log p(x) ({', '.join(sources) or 'none'})")
+    if "test_elbo" in table:
+        ax.errorbar(pd.to_numeric(table["test_elbo"]), rows, xerr=pd.to_numeric(table.get("test_elbo_se")),
+                    fmt="s", mfc="none", color="tab:orange", capsize=3, label="ELBO")
+    ax.set_yticks(rows, labels, fontsize="small")
+    ax.set_xlabel("nats / test datapoint (error bars: 1 standard error)")
+    ax.set_title(title or "log p(x) of every cell")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_sweep(table: pd.DataFrame, curves: dict, folder) -> list[Path]:
+    """The figures of a sweep: ``validation.png`` (every cell's validation ELBO curve) and ``logpx.png``."""
+    folder = Path(folder)
+    return [plot_validation_curves(curves, folder / "validation.png"), plot_logpx(table, folder / "logpx.png")]

@@ -19,6 +19,8 @@ result                   columns (``name`` is the estimator's column name)
 (``MCMCResult`` and ``GapDecomposition`` columns get a ``name_`` prefix only when a
 name is given.) :func:`value_columns` keeps just the estimate and its standard
 error. Floating-point values become float64, counts stay integers.
+:func:`unit_columns` lists an ``ActiveUnits`` result (active latent units) one
+latent dimension a row: ``site``, ``dim``, ``variance``, ``active``.
 
 A summary row describes the per-datapoint values of one estimator over the
 evaluated datapoints: their mean and its standard error, sd / sqrt(n), which
@@ -38,7 +40,8 @@ from ppl_genmodels.inference.importance import Estimate
 from ppl_genmodels.inference.local import LocalGuideResult
 from ppl_genmodels.inference.mcmc import MCMCResult
 
-__all__ = ["columns", "value_columns", "concat", "mean_and_stderr", "summary_row", "SUMMARY_COLUMNS"]
+__all__ = ["columns", "value_columns", "concat", "mean_and_stderr", "summary_row", "SUMMARY_COLUMNS", "unit_columns",
+           "UNIT_COLUMNS"]
 
 SUMMARY_COLUMNS = ["estimator", "mean", "stderr", "n", "seconds"]
 
@@ -98,3 +101,19 @@ def summary_row(name: str, values, seconds: float) -> dict:
     """One row of an evaluation summary: ``estimator, mean, stderr, n, seconds``."""
     mean, stderr = mean_and_stderr(values)
     return {"estimator": name, "mean": mean, "stderr": stderr, "n": len(values), "seconds": seconds}
+
+
+UNIT_COLUMNS = ["site", "dim", "variance", "active"]
+
+
+def unit_columns(result) -> dict[str, np.ndarray]:
+    """One row per latent dimension of an ``ActiveUnits`` result (:func:`ppl_genmodels.evaluation.active_units`).
+
+    ``site`` (the guide's sample site), ``dim`` (the dimension's place in the site's flattened
+    event), ``variance`` (A_u = Var_x(E_q[u | x])) and ``active`` (A_u above the result's threshold).
+    """
+    names = [name for name, value in result.variance.items() for _ in range(value.numel())]
+    dims = [d for value in result.variance.values() for d in range(value.numel())]
+    variance = np.concatenate([_array(value).reshape(-1) for value in result.variance.values()])
+    return {"site": np.array(names, dtype=object), "dim": np.array(dims, dtype=np.int64), "variance": variance,
+            "active": variance > result.threshold}

@@ -125,3 +125,36 @@ def test_conditional_run(tmp_path):
     _ok(["bdmc", out, "--n", 2, "--steps", 2, "--chains", 2, "--quiet"])
     assert _columns(out / "bdmc" / "n2-steps2-chains2" / "per_datapoint.csv") == BDMC
     assert _columns(out / "results.csv") == RESULTS
+
+
+SWEEP_HEAD = ["run_dir", "elbo", "particles", "epochs_run", "best_epoch", "train_seconds"]
+SWEEP_TAIL = ["log_px", "log_px_se", "log_px_source", "gap", "active_units"]
+ACTIVE_UNITS = ["site", "dim", "variance", "active"]
+
+
+def test_sweep(tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text('model = "vae"\ndata = "digits"\nepochs = 1\nmax_examples = 60\nhidden = [8]\nz_dim = 2\n'
+                    '[grid]\nelbo = ["iwae"]\nparticles = [1, 2]\n[evaluate]\nestimators = "elbo,iwae:5"\nn = 10\n')
+    _ok(["sweep", spec, "--out", tmp_path / "sweep", "--quiet"])
+    assert _columns(tmp_path / "sweep" / "sweep.csv") == SWEEP_HEAD + [
+        "test_elbo", "test_elbo_se", "test_iwae5", "test_iwae5_se"] + SWEEP_TAIL
+    cell = tmp_path / "sweep" / "elbo=iwae,particles=2"
+    assert _columns(cell / "results.csv") == RESULTS
+    assert _columns(cell / "metrics.csv") == METRICS
+    assert _columns(cell / "evaluation" / "sweep" / "summary.csv") == SUMMARY
+    assert _columns(cell / "evaluation" / "sweep" / "per_datapoint.csv") == [
+        "index", "elbo", "elbo_se", "iwae5", "iwae5_se", "iwae5_ess"]
+    assert _columns(cell / "evaluation" / "sweep" / "active_units.csv") == ACTIVE_UNITS
+
+
+def test_a_sweep_of_ppca_adds_the_exact_columns(tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"model": "ppca", "data": "moons", "n_samples": 100, "z_dim": 1, "epochs": 1,
+                                "grid": {"elbo": ["trace"], "particles": [1]},
+                                "evaluate": {"estimators": "elbo,iwae:3"}}))
+    _ok(["sweep", spec, "--out", tmp_path / "sweep", "--quiet"])
+    table = pd.read_csv(tmp_path / "sweep" / "sweep.csv")
+    assert list(table.columns) == SWEEP_HEAD + ["test_elbo", "test_elbo_se", "test_iwae3", "test_iwae3_se",
+                                                "test_exact", "test_exact_se"] + SWEEP_TAIL
+    assert table["log_px_source"].tolist() == ["exact"]
