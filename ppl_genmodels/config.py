@@ -158,6 +158,8 @@ class RunConfig:
     patience: int | None = option(10, "early-stopping patience in epochs (epochs without a better validation "
                                       "ELBO); 0 or none disables", parse=parse_optional_int, resumable=True)
     seed: int = option(0, "random seed: data split, initial weights, minibatches")
+    data_seed: int | None = option(None, "seed of the data split and of its fixed binarization, when it must not "
+                                         "follow --seed (e.g. replicates over --seed on one split)")
     device: str = option("auto", "auto (CUDA when available), cpu, cuda, cuda:N", resumable=True)
     eval_k: int = option(100, "particles of the IWAE-k test estimate after training")
 
@@ -193,8 +195,8 @@ class RunConfig:
         return out
 
     def load_data(self) -> Dataset:
-        """The dataset this configuration names, split with its seed."""
-        return load_dataset(self.data, self.data_options, seed=self.seed)
+        """The dataset this configuration names, split with ``data_seed`` (default: ``seed``)."""
+        return load_dataset(self.data, self.data_options, seed=self.seed if self.data_seed is None else self.data_seed)
 
     def validate(self) -> "RunConfig":
         """Check the training options (the data options are checked by :meth:`load_data`)."""
@@ -211,6 +213,8 @@ class RunConfig:
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.particles >= 1, f"particles must be >= 1, got {self.particles}"),
             (0 <= self.seed < 2**32, f"seed must be in 0..2**32-1, got {self.seed}"),
+            (self.data_seed is None or 0 <= self.data_seed < 2**32, f"data_seed must be in 0..2**32-1, got "
+                                                                    f"{self.data_seed}"),
             (self.eval_k >= 1, f"eval_k must be >= 1, got {self.eval_k}"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"),
             (self.z_dim is None or self.z_dim >= 1, f"z_dim must be >= 1, got {self.z_dim}"),

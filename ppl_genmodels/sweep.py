@@ -41,11 +41,11 @@ evaluation, and the same grid options (their lists of values may change: new cel
 are added, finished ones kept).
 
 The data split: every cell has the same data options (data options cannot be in
-the grid). A run's split is drawn from its ``seed`` (``RunConfig`` has one seed, and
-``load_run`` recreates the split from it), so cells that share their seed share
-their split and test points exactly, while cells that differ in ``seed`` (when
-``seed`` is in the grid) are replicates on different random splits of the same data,
-of the same sizes.
+the grid) and the same split. A run's split is drawn from its ``data_seed``, which
+defaults to its ``seed``; when ``seed`` is in the grid and the spec gives no
+``data_seed``, every cell gets ``data_seed = 0``, so cells that differ in ``seed``
+are replicates (initial weights, minibatches, particles) on one split and one set
+of test points.
 """
 
 from __future__ import annotations
@@ -335,6 +335,8 @@ def plan_sweep(spec) -> SweepPlan:
     table = _check_evaluate(spec)
     shared = {key: value for key, value in spec.items() if key not in ("grid", "evaluate")}
     _check_types(shared, "")
+    if "seed" in grid and "data_seed" not in shared and "data_seed" not in grid:
+        shared["data_seed"] = 0  # replicates over seed share one split
     plan = SweepPlan(shared, grid, _cells(shared, grid), table["estimators"], table["n"], table["chains"],
                      table["samples"])
     _check_cells(plan)
@@ -553,9 +555,6 @@ def sweep(spec, out, *, progress: bool = True) -> pd.DataFrame:
     rows, diverged = [], []
     with runs.locked(out, "sweep"):
         runs.atomic_write(out / SPEC_FILE, json.dumps(plan.record(), indent=2) + "\n")
-        if "seed" in plan.grid:
-            _say(progress, "note: seed is in the grid; it also draws the data split, so cells that differ in seed "
-                           "are trained and evaluated on different splits")
         for number, cell in enumerate(plan.cells, 1):
             row = _run_cell(number, cell, out, plan, progress)
             if row is None:

@@ -378,3 +378,17 @@ def test_a_dead_dimension_is_not_active_and_draws_stand_in_for_a_missing_mean():
     assert result.variance["b"][2] < 1e-4
     again = active_units(pair, x, samples=400, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again.variance["b"], result.variance["b"])  # the generator fixes the draws
+
+
+def test_cells_that_differ_in_seed_share_one_split(tmp_path):
+    from ppl_genmodels import load_run
+
+    spec = {"model": "vae", "data": "digits", "max_examples": 120, "hidden": [8], "z_dim": 2, "epochs": 1,
+            "grid": {"seed": [1, 2]}, "evaluate": {"estimators": "elbo", "n": 5}}
+    sweep_module = sys.modules["ppl_genmodels.sweep"]
+    table = sweep_module.sweep(spec, tmp_path / "sweep", progress=False)
+    runs = [load_run(tmp_path / "sweep" / d) for d in table["run_dir"]]
+    assert [r.config.seed for r in runs] == [1, 2] and {r.config.data_seed for r in runs} == {0}
+    for part in ("train", "val", "test"):
+        assert torch.equal(runs[0].data.split(part).index, runs[1].data.split(part).index)
+    assert not torch.equal(runs[0].model.encoder[0].weight, runs[1].model.encoder[0].weight)
