@@ -19,6 +19,7 @@ mapping options to lists of values (the cells are their product) and an optional
     n = 1000                        # the first n test points (default: all)
     chains = 16                     # AIS chains per datapoint
     samples = 100                   # guide draws per datapoint for active units
+    weights = "best"                # "best": the best validation-ELBO epoch; "last": the last epoch
 
 :func:`sweep` checks the whole spec before anything trains (every key, every
 grid value, every cell's configuration, the data, every cell's model built and
@@ -86,7 +87,7 @@ SPEC_FILE = "sweep.json"
 SET_NAME = "sweep"                  # each cell's result set: RUN_DIR/evaluation/sweep/ (sweep-2, ... if taken)
 UNITS_FILE = "active_units.csv"
 DEFAULT_ESTIMATORS = "elbo,iwae:5000"
-EVALUATE_DEFAULTS = {"estimators": DEFAULT_ESTIMATORS, "n": None, "chains": 16, "samples": 100}
+EVALUATE_DEFAULTS = {"estimators": DEFAULT_ESTIMATORS, "n": None, "chains": 16, "samples": 100, "weights": "best"}
 _SET_PATTERN = re.compile(rf"{SET_NAME}(-\d+)?")
 _SET_BY_FIT = ("model_sha256", "model_instance")      # recorded by fit itself, never set by a spec
 _DATA_NAMES = {"data"} | {f.name for f in dataclasses.fields(DataOptions)}
@@ -118,11 +119,13 @@ class SweepPlan:
     n: int | None
     chains: int
     samples: int
+    weights: str = "best"
 
     @property
     def ladder(self) -> dict:
         """What defines a cell's evaluation (recorded with its result set)."""
-        return {"estimators": self.estimators, "n": self.n, "chains": self.chains, "samples": self.samples}
+        return {"estimators": self.estimators, "n": self.n, "chains": self.chains, "samples": self.samples,
+                "weights": self.weights}
 
     def record(self) -> dict:
         """The content of ``DIR/sweep.json``."""
@@ -236,6 +239,9 @@ def _check_evaluate(spec: dict) -> dict:
     _check_count(table, "n", allow_none=True)
     _check_count(table, "chains")
     _check_count(table, "samples")
+    if table["weights"] not in ("best", "last"):
+        raise ConfigError(f"evaluate.weights must be 'best' (the best validation ELBO epoch) or 'last', "
+                          f"got {table['weights']!r}")
     return table
 
 
@@ -338,7 +344,7 @@ def plan_sweep(spec) -> SweepPlan:
     if "seed" in grid and "data_seed" not in shared and "data_seed" not in grid:
         shared["data_seed"] = 0  # replicates over seed share one split
     plan = SweepPlan(shared, grid, _cells(shared, grid), table["estimators"], table["n"], table["chains"],
-                     table["samples"])
+                     table["samples"], table["weights"])
     _check_cells(plan)
     return plan
 
@@ -444,12 +450,17 @@ def _log_px(summary: pd.DataFrame) -> tuple[float, float, str]:
     return float(rows.at[best, "mean"]), float(rows.at[best, "stderr"]), best
 
 
-def _row(cell: Cell, path: Path, folder: Path) -> dict:
-    """The cell's row of ``sweep.csv``, from its run directory."""
+def _row(cell: Cell, path: Path, folder: Path, weights: str = "best") -> dict:
+    """The cell's row of ``sweep.csv``, from its run directory (``best_epoch``: the epoch evaluated)."""
     summary = pd.read_csv(folder / "summary.csv")
     units = pd.read_csv(folder / UNITS_FILE)
     metrics = pd.read_csv(path / runs.METRICS_FILE)
-    best_epoch = int(metrics.at[metrics["val_elbo"].idxmax(), "epoch"]) if len(metrics) else 0
+    if not len(metrics):
+        best_epoch = 0
+    elif weights == "last":
+        best_epoch = int(metrics["epoch"].iloc[-1])
+    else:
+        best_epoch = int(metrics.at[metrics["val_elbo"].idxmax(), "epoch"])
     row = {"run_dir": cell.name, **{key: _value(value) for key, value in cell.values.items()},
            "epochs_run": len(metrics), "best_epoch": best_epoch, "train_seconds": float(metrics["seconds"].sum())}
     for estimator, mean, stderr in zip(summary["estimator"], summary["mean"], summary["stderr"]):
@@ -506,7 +517,7 @@ def _run_cell(number: int, cell: Cell, out: Path, plan: SweepPlan, progress: boo
     where = f"[{number}/{len(plan.cells)}] {cell.name}"
     folder = finished_set(path, plan) if path.is_dir() else None
     if folder is not None:
-        row = _row(cell, path, folder)
+        row = _row(cell, path, folder, plan.weights)
         _say(progress, f"{where}: finished earlier ({_done_line(row, plan)})")
         return row
     resumed = (path / runs.CONFIG_FILE).is_file()
@@ -515,7 +526,10 @@ def _run_cell(number: int, cell: Cell, out: Path, plan: SweepPlan, progress: boo
     except TrainingDiverged as err:
         _say(progress, f"{where}: {err}; left out of the table")
         return None
-    row = _row(cell, path, _evaluate(run, plan, progress))
+    if plan.weights == "last":  # the last epoch's weights, as Burda et al. report (no early-stopping choice)
+        run.program.load_state(runs.load_checkpoint(path / runs.CHECKPOINT_FILE, map_location=run.device))
+        run.program.eval()
+    row = _row(cell, path, _evaluate(run, plan, progress), plan.weights)
     _say(progress, f"{where}: {'resumed, ' if resumed else ''}{_done_line(row, plan)}")
     return row
 

@@ -392,3 +392,14 @@ def test_cells_that_differ_in_seed_share_one_split(tmp_path):
     for part in ("train", "val", "test"):
         assert torch.equal(runs[0].data.split(part).index, runs[1].data.split(part).index)
     assert not torch.equal(runs[0].model.encoder[0].weight, runs[1].model.encoder[0].weight)
+
+
+def test_the_last_epoch_can_be_evaluated_instead_of_the_best(tmp_path):
+    spec = {"model": "vae", "data": "digits", "max_examples": 120, "hidden": [8], "z_dim": 2, "epochs": 3,
+            "patience": 0, "grid": {"elbo": ["trace"]}, "evaluate": {"estimators": "elbo", "n": 5, "weights": "last"}}
+    sweep_module = sys.modules["ppl_genmodels.sweep"]
+    table = sweep_module.sweep(spec, tmp_path / "sweep", progress=False)
+    assert table["best_epoch"].tolist() == [3]
+    with pytest.raises(ConfigError, match="evaluate.weights must be 'best'"):
+        sweep_module.sweep({**spec, "evaluate": {"weights": "final"}}, tmp_path / "other", progress=False)
+    assert not (tmp_path / "other").exists()
