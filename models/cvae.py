@@ -13,7 +13,10 @@ Three networks, all MLPs:
     generation network    p_theta(x | y, z) = likelihood head of decoder([z, y])
     recognition network   q_phi(z | x, y)   = N(z; mu_q(x, y), diag(sigma_q(x, y)^2))
 
-with [mu, r] = net(.) and sigma = softplus(r) + 1e-4. The ELBO is
+with [mu, r] = net(.) and sigma = softplus(r) + 1e-4. The recognition network's
+family is ``guide`` (``"diag"`` above, ``"fullrank"`` or ``"iaf:N"``: see
+``vae.GuideFamily``), conditioned on [x, y]; ``activation`` names the hidden
+layers' nonlinearity. The ELBO is
 E_q[log p(x | y, z)] - KL(q(z | x, y) || p(z | y)), a lower bound on log p(x | y).
 
 ``y_kind`` says what y is: ``"onehot"`` (a class label as a one-hot vector) or
@@ -35,7 +38,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from ppl_genmodels.models.vae import LikelihoodHead, check_common, diag_normal_params
+from ppl_genmodels.models.vae import GuideFamily, LikelihoodHead, check_common, diag_normal_params
 from ppl_genmodels.nets import MLP
 
 __all__ = ["CVAE", "Y_KINDS"]
@@ -63,6 +66,8 @@ class CVAE(PyroModule):
         n_levels: int | None = None,
         scale: float | None = None,
         y_kind: str | None = None,
+        guide: str = "diag",
+        activation: str = "relu",
     ):
         super().__init__()
         hidden = check_common(x_dim, z_dim, y_dim, hidden)
@@ -74,9 +79,10 @@ class CVAE(PyroModule):
         self.x_dim, self.z_dim, self.y_dim = int(x_dim), int(z_dim), int(y_dim)
         self.y_kind = y_kind
         self.head = LikelihoodHead(x_dim, likelihood, n_levels, scale)
-        self.prior_net = MLP(self.y_dim, hidden, 2 * self.z_dim)
-        self.encoder = MLP(self.x_dim + self.y_dim, hidden, 2 * self.z_dim)
-        self.decoder = MLP(self.z_dim + self.y_dim, hidden[::-1], self.head.out_dim)
+        self.prior_net = MLP(self.y_dim, hidden, 2 * self.z_dim, activation)
+        self.encoder = MLP(self.x_dim + self.y_dim, hidden, GuideFamily.out_dim(guide, self.z_dim), activation)
+        self.decoder = MLP(self.z_dim + self.y_dim, hidden[::-1], self.head.out_dim, activation)
+        self.q = GuideFamily(guide, self.z_dim, self.encoder.features_dim, activation)
 
     def prior(self, y: torch.Tensor) -> dist.TorchDistribution:
         """p(z | y) for y [..., Y]: batch shape [...], event shape [Z]."""
@@ -104,8 +110,7 @@ class CVAE(PyroModule):
         if y is None:
             raise ValueError("CVAE.guide needs the conditioning y: q(z | x, y) is undefined for y=None")
         with pyro.plate("data", x.shape[0], dim=-1, device=x.device):
-            loc, scale = diag_normal_params(self.encoder(torch.cat([x, y.to(x.dtype)], dim=-1)))
-            pyro.sample("z", dist.Normal(loc, scale, validate_args=False).to_event(1))
+            pyro.sample("z", self.q(self.encoder, torch.cat([x, y.to(x.dtype)], dim=-1)))
 
     @torch.no_grad()
     def sample_data(self, n: int, y: torch.Tensor | None = None):

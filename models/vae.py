@@ -5,10 +5,28 @@ Generative model, for a datapoint x in R^D (or {0,1}^D, or {0..L-1}^D):
     z ~ N(0, I_Z)                              prior, z in R^Z
     x | z ~ p_theta(x | z) = prod_d p(x_d | decoder(z)_d)
 
-Amortized posterior (the "encoder"), a diagonal Gaussian:
+Amortized posterior (the "encoder"), of the family named by ``guide``
+(``GuideFamily``; the VAE and the conditional VAE share it):
 
-    q_phi(z | x) = N(z; mu_phi(x), diag(sigma_phi(x)^2)),
-    [mu, r] = encoder(x),  sigma = softplus(r) + 1e-4.
+- ``"diag"``: a diagonal Gaussian,
+      q_phi(z | x) = N(z; mu_phi(x), diag(sigma_phi(x)^2)),
+      [mu, r] = encoder(x),  sigma = softplus(r) + 1e-4;
+- ``"fullrank"``: a Gaussian with an amortized Cholesky factor,
+      q_phi(z | x) = N(z; mu_phi(x), L_phi(x) L_phi(x)^T),
+      [mu, l] = encoder(x) with l the Z(Z+1)/2 entries of the lower triangle of L
+      (row by row), its diagonal mapped to softplus(.) + 1e-4;
+- ``"iaf:N"``: N inverse autoregressive flow layers on top of the diagonal
+  Gaussian (Kingma, Salimans, Jozefowicz, Chen, Sutskever & Welling 2016,
+  "Improving variational inference with inverse autoregressive flow"),
+      z_0 ~ N(mu_phi(x), diag(sigma_phi(x)^2)),
+      z_t = s_t * z_{t-1} + (1 - s_t) * m_t,  [m_t, logit s_t] = AR_t(z_{t-1}, h(x)),
+  their eq. (14), where h(x) is the encoder's last hidden layer and AR_t a
+  MADE network (Pyro's ``ConditionalAffineAutoregressive`` with
+  ``stable=True`` over a ``ConditionalAutoRegressiveNN``), the variable order
+  reversed from one layer to the next. log q(z | x) = log N(z_0) - sum_t
+  sum_d log s_t,d for a z the guide drew (cheap); scoring any other z (AIS
+  started at the guide, the mixture proposal) inverts each layer, Z passes of
+  its network.
 
 The likelihood head (shared with the conditional VAE in ``cvae.py``) maps the
 decoder output to one of
@@ -36,14 +54,17 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.nn import PyroModule
+from pyro.distributions.transforms import ConditionalAffineAutoregressive
+from pyro.nn import ConditionalAutoRegressiveNN, PyroModule
 from torch import nn
 from torch.distributions import constraints
+from torch.distributions.utils import vec_to_tril_matrix
 
 from ppl_genmodels.data import LIKELIHOODS
-from ppl_genmodels.nets import MLP, check_dims
+from ppl_genmodels.nets import MLP, activation_class, check_dims
 
-__all__ = ["VAE", "LikelihoodHead", "BernoulliVector", "LIKELIHOODS", "diag_normal_params", "check_common"]
+__all__ = ["VAE", "LikelihoodHead", "BernoulliVector", "LIKELIHOODS", "GUIDES", "GuideFamily", "parse_guide",
+           "diag_normal_params", "check_common"]
 
 
 #: lower bound added to every softplus scale (the guide's parameterisation)
@@ -54,6 +75,73 @@ def diag_normal_params(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split ``out`` [..., 2Z] into (loc, scale) with scale = softplus(raw) + 1e-4."""
     loc, raw = out.chunk(2, dim=-1)
     return loc, F.softplus(raw) + MIN_SCALE
+
+
+#: the guide families of the built-in VAEs (``iaf:N``: N flow layers, N >= 1)
+GUIDES = ("diag", "fullrank", "iaf:N")
+
+
+def parse_guide(spec) -> tuple[str, int]:
+    """``"diag"`` -> ("diag", 0), ``"fullrank"`` -> ("fullrank", 0), ``"iaf:3"`` -> ("iaf", 3); else ValueError."""
+    if isinstance(spec, str):
+        name, _, count = spec.strip().lower().partition(":")
+        if name in ("diag", "fullrank") and not count:
+            return name, 0
+        if name == "iaf" and count.strip().isdigit() and int(count) >= 1:
+            return "iaf", int(count)
+    raise ValueError(f"unknown guide {spec!r}; expected diag, fullrank or iaf:N (N >= 1 flow layers)")
+
+
+class GuideFamily(nn.Module):
+    """Turns an encoder ``MLP``'s output into q(z | .), a distribution of the family ``spec``.
+
+    The encoder must end in ``out_dim(spec, z_dim)`` units; ``forward(encoder, u)``
+    returns q with batch shape ``u.shape[:-1]`` and event shape ``[z_dim]`` (see the
+    module docstring for the three families). The flows of ``iaf:N`` are submodules
+    (``flows``), so they train and are saved with the model; ``diag`` and ``fullrank``
+    own no parameters. Each flow layer's MADE network has one hidden layer of
+    max(``context_dim``, 2 ``z_dim``) units with the ``activation`` nonlinearity; the
+    context is the encoder's last hidden layer (``MLP.features``), ``context_dim`` wide.
+    """
+
+    def __init__(self, spec: str, z_dim: int, context_dim: int, activation="relu"):
+        super().__init__()
+        self.family, n_flows = parse_guide(spec)
+        self.spec = self.family if self.family != "iaf" else f"iaf:{n_flows}"
+        self.z_dim = int(z_dim)
+        act = activation_class(activation)
+        width = max(int(context_dim), 2 * self.z_dim)
+        order = torch.arange(self.z_dim)
+        self.flows = nn.ModuleList(
+            ConditionalAffineAutoregressive(
+                ConditionalAutoRegressiveNN(self.z_dim, int(context_dim), [width],
+                                            permutation=order if t % 2 == 0 else order.flip(0), nonlinearity=act()),
+                stable=True)
+            for t in range(n_flows))
+
+    @staticmethod
+    def out_dim(spec: str, z_dim: int) -> int:
+        """The width of the encoder's output for the family ``spec``."""
+        family, _ = parse_guide(spec)
+        return z_dim + z_dim * (z_dim + 1) // 2 if family == "fullrank" else 2 * z_dim
+
+    def forward(self, encoder: MLP, u: torch.Tensor) -> dist.TorchDistribution:
+        """q(z | u) from ``encoder`` applied to ``u [..., in]``: batch shape [...], event shape [Z]."""
+        if self.family == "fullrank":
+            out = encoder(u)
+            loc, entries = out[..., : self.z_dim], out[..., self.z_dim :]
+            tril = vec_to_tril_matrix(entries)  # [..., Z, Z]
+            diag = F.softplus(tril.diagonal(dim1=-2, dim2=-1)) + MIN_SCALE
+            return dist.MultivariateNormal(loc, scale_tril=tril.tril(-1) + torch.diag_embed(diag),
+                                           validate_args=False)
+        if self.family == "diag":
+            loc, scale = diag_normal_params(encoder(u))
+            return dist.Normal(loc, scale, validate_args=False).to_event(1)
+        context = encoder.features(u)  # [..., H], the encoder's last hidden layer
+        loc, scale = diag_normal_params(encoder[-1](context))
+        base = dist.Normal(loc, scale, validate_args=False).to_event(1)
+        return dist.TransformedDistribution(base, [flow.condition(context) for flow in self.flows],
+                                            validate_args=False)
 
 
 def check_common(x_dim, z_dim, y_dim, hidden=()) -> tuple[int, ...]:
@@ -179,6 +267,10 @@ class LikelihoodHead(nn.Module):
 class VAE(PyroModule):
     """VAE with an MLP encoder/decoder and a Bernoulli, Gaussian or categorical likelihood.
 
+    ``guide``: the family of q(z | x), ``"diag"``, ``"fullrank"`` or ``"iaf:N"``
+    (``GuideFamily``); ``activation``: the hidden layers' nonlinearity (``nets.ACTIVATIONS``).
+    ``VAE(784, 50, hidden=(200, 200), activation="tanh")`` is the one-stochastic-layer
+    network of Burda, Grosse & Salakhutdinov (2016), 784-200-200-50.
     ``y`` (and ``y_dim``, so that it trains on conditioned data too) is accepted and
     ignored: the model is unconditional.
     """
@@ -193,13 +285,16 @@ class VAE(PyroModule):
         likelihood: str = "bernoulli",
         n_levels: int | None = None,
         scale: float | None = None,
+        guide: str = "diag",
+        activation: str = "relu",
     ):
         super().__init__()
         hidden = check_common(x_dim, z_dim, y_dim, hidden)
         self.x_dim, self.z_dim = int(x_dim), int(z_dim)
         self.head = LikelihoodHead(x_dim, likelihood, n_levels, scale)
-        self.encoder = MLP(self.x_dim, hidden, 2 * self.z_dim)
-        self.decoder = MLP(self.z_dim, hidden[::-1], self.head.out_dim)
+        self.encoder = MLP(self.x_dim, hidden, GuideFamily.out_dim(guide, self.z_dim), activation)
+        self.decoder = MLP(self.z_dim, hidden[::-1], self.head.out_dim, activation)
+        self.q = GuideFamily(guide, self.z_dim, self.encoder.features_dim, activation)
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> dist.TorchDistribution:
         """p(x | z) for z [..., Z]: batch shape [...], event shape [D]."""
@@ -213,8 +308,7 @@ class VAE(PyroModule):
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         with pyro.plate("data", x.shape[0], dim=-1, device=x.device):
-            loc, scale = diag_normal_params(self.encoder(x))  # [B, Z] each
-            pyro.sample("z", dist.Normal(loc, scale, validate_args=False).to_event(1))
+            pyro.sample("z", self.q(self.encoder, x))  # batch [B], event [Z]
 
     @torch.no_grad()
     def sample_data(self, n: int, y: torch.Tensor | None = None):

@@ -124,7 +124,7 @@ def option(default=MISSING, help: str = "", *, factory=None, choices=None, parse
 class RunConfig:
     """Everything that defines a training run; saved as ``config.json``."""
 
-    model: str = option("vae", "vae, cvae, ppca, or path/to/file.py:ClassName")
+    model: str = option("vae", "vae, cvae, hvae, ppca, or path/to/file.py:ClassName")
     data: str = option("digits", "digits, mnist, circle, moons, swiss-roll, or a .npy/.npz/.csv file")
     data_options: DataOptions = option(factory=DataOptions)  # each of its fields is an option of its own
     z_dim: int | None = option(None, "latent dimension (default 2 for data of <= 3 dimensions, else 16)")
@@ -394,7 +394,7 @@ def constructor_arguments(cls, config: RunConfig, dataset: Dataset) -> dict:
     params = {name: p for name, p in inspect.signature(cls).parameters.items() if p.kind not in _VARIADIC}
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls).parameters.values())
     user, data, toolkit = _user_values(config), _data_values(dataset), _toolkit_defaults(dataset)
-    builtin = cls in REGISTRY.values()
+    builtin = cls in REGISTRY.values() and getattr(cls, "toolkit_sizes", True)  # hvae keeps its own sizes
     for key in user:
         if key not in params and not takes_kwargs:
             flag = f"--{key.replace('_', '-')}" if key in SIZE_ARGUMENTS and key not in config.model_args \

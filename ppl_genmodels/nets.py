@@ -9,7 +9,10 @@ submodules, so their weights are ordinary ``nn.Parameter``s that follow
     h_0 = u,   h_{l+1} = act(W_l h_l + b_l),   out = W_L h_L + b_L,
 
 applied to the last dimension of its input, so inputs may carry any number of
-leading batch dimensions (e.g. ``[particles, batch, in_dim]``).
+leading batch dimensions (e.g. ``[particles, batch, in_dim]``). The nonlinearity
+``act`` is named (``ACTIVATIONS``: relu, tanh, softplus, elu, ...); ``features(u)``
+is the last hidden layer h_L (the input itself when there is none), e.g. the
+context an encoder hands to a conditional flow.
 """
 
 from __future__ import annotations
@@ -20,14 +23,37 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["MLP", "check_dims"]
+__all__ = ["MLP", "ACTIVATIONS", "activation_class", "check_dims"]
+
+#: the hidden-layer nonlinearities by name
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "softplus": nn.Softplus,
+    "elu": nn.ELU,
+    "selu": nn.SELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "leaky_relu": nn.LeakyReLU,
+    "sigmoid": nn.Sigmoid,
+}
+
+
+def activation_class(activation: str | type[nn.Module]) -> type[nn.Module]:
+    """The ``nn.Module`` class of a nonlinearity given by name (or as a class); unknown names are refused."""
+    if isinstance(activation, type) and issubclass(activation, nn.Module):
+        return activation
+    if isinstance(activation, str) and activation.lower() in ACTIVATIONS:
+        return ACTIVATIONS[activation.lower()]
+    raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
 
 
 class MLP(nn.Sequential):
     """Multi-layer perceptron ``in_dim -> hidden[0] -> ... -> hidden[-1] -> out_dim``.
 
     The output layer is linear (no activation). ``hidden=()`` gives a single
-    affine map. Works on inputs of shape ``[..., in_dim]``.
+    affine map. ``activation``: a name in ``ACTIVATIONS`` or an ``nn.Module`` class.
+    Works on inputs of shape ``[..., in_dim]``.
     """
 
     def __init__(
@@ -35,8 +61,9 @@ class MLP(nn.Sequential):
         in_dim: int,
         hidden: Sequence[int],
         out_dim: int,
-        activation: type[nn.Module] = nn.ReLU,
+        activation: str | type[nn.Module] = "relu",
     ):
+        act = activation_class(activation)
         hidden = tuple(hidden)
         check_dims(in_dim=in_dim, out_dim=out_dim)
         for h in hidden:
@@ -47,13 +74,20 @@ class MLP(nn.Sequential):
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
             layers.append(nn.Linear(a, b))
             if i < len(widths) - 2:
-                layers.append(activation())
+                layers.append(act())
         super().__init__(*layers)
         self.in_dim = in_dim
         self.out_dim = out_dim
+        self.features_dim = widths[-2]
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:  # [..., in_dim] -> [..., out_dim]
         return super().forward(u)
+
+    def features(self, u: torch.Tensor) -> torch.Tensor:  # [..., in_dim] -> [..., features_dim]
+        """The last hidden layer h_L; ``self[-1](features(u))`` equals ``self(u)``."""
+        for layer in list(self)[:-1]:
+            u = layer(u)
+        return u
 
 
 def check_dims(**dims) -> None:

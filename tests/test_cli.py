@@ -184,7 +184,7 @@ def test_models_listing():
     code, stdout, stderr = _main(["models"])
     assert code == 0 and stderr == ""
     names = [line.split()[0] for line in stdout.splitlines()[1:]]
-    assert names == ["vae", "cvae", "ppca"]
+    assert names == ["vae", "cvae", "hvae", "ppca"]
 
 
 def test_datasets_listing():
@@ -335,7 +335,7 @@ def test_python_dash_m_lists_models():
     result = subprocess.run([sys.executable, "-m", "ppl_genmodels", "models"], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     names = [line.split()[0] for line in result.stdout.splitlines()[1:]]
-    assert names == ["vae", "cvae", "ppca"]
+    assert names == ["vae", "cvae", "hvae", "ppca"]
 
 
 def _console_script() -> str | None:

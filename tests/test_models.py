@@ -1,4 +1,4 @@
-"""Tests of the built-in models (VAE, CVAE, PPCA), the MLP block and the example StudentTVAE.
+"""Tests of the built-in models (VAE, CVAE, HVAE, PPCA), the MLP block and the example StudentTVAE.
 
 Checks the model contract through Pyro traces (site names, the "data" plate,
 shapes with and without an outer particles plate), the likelihoods against
@@ -22,7 +22,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.poutine.util import site_is_subsample
 
-from ppl_genmodels.models import CVAE, DESCRIPTIONS, PPCA, REGISTRY, VAE
+from ppl_genmodels.models import CVAE, DESCRIPTIONS, HVAE, PPCA, REGISTRY, VAE
 from ppl_genmodels.nets import MLP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +89,9 @@ CASES = {
         "gaussian",
         True,
     ),
+    "vae-fullrank": (lambda: VAE(D, Z, hidden=(8,), guide="fullrank"), "bernoulli", False),
+    "vae-iaf-tanh": (lambda: VAE(D, Z, hidden=(8, 7), guide="iaf:2", activation="tanh"), "bernoulli", False),
+    "cvae-iaf": (lambda: CVAE(D, Z, y_dim=Y, hidden=(8,), y_kind="onehot", guide="iaf:1"), "bernoulli", True),
     "ppca": (lambda: PPCA(D, Z), "gaussian", False),
     "studentt": (lambda: StudentTVAE(D, Z, hidden=(8,)), "gaussian", False),
     "studentt-learned-df": (lambda: StudentTVAE(D, Z, hidden=(8,), df=None), "gaussian", False),
@@ -149,22 +152,25 @@ def test_mlp_rejects_bad_dims():
 
 # ------------------------------------------------------- construction / registry
 def test_registry_and_signatures():
-    assert REGISTRY == {"vae": VAE, "cvae": CVAE, "ppca": PPCA}
+    assert REGISTRY == {"vae": VAE, "cvae": CVAE, "hvae": HVAE, "ppca": PPCA}
     assert set(DESCRIPTIONS) == set(REGISTRY)
     assert all(isinstance(d, str) and d and "\n" not in d for d in DESCRIPTIONS.values())
     expected = {  # each constructor names only what its model uses
-        VAE: ["x_dim", "z_dim", "y_dim", "hidden", "likelihood", "n_levels", "scale"],
-        CVAE: ["x_dim", "z_dim", "y_dim", "hidden", "likelihood", "n_levels", "scale", "y_kind"],
+        VAE: ["x_dim", "z_dim", "y_dim", "hidden", "likelihood", "n_levels", "scale", "guide", "activation"],
+        CVAE: ["x_dim", "z_dim", "y_dim", "hidden", "likelihood", "n_levels", "scale", "y_kind", "guide",
+               "activation"],
+        HVAE: ["x_dim", "z_dim", "y_dim", "z1_dim", "hidden", "hidden2", "likelihood", "n_levels", "scale",
+               "activation"],
         PPCA: ["x_dim", "z_dim", "y_dim", "likelihood", "scale"],
     }
     for cls, names in expected.items():
         params = inspect.signature(cls).parameters
         assert list(params) == names
-        assert params["z_dim"].default == 16 and params["y_dim"].default == 0
+        assert params["z_dim"].default == (50 if cls is HVAE else 16) and params["y_dim"].default == 0
         assert all(params[p].kind is inspect.Parameter.KEYWORD_ONLY for p in names[2:])
 
 
-@pytest.mark.parametrize("name", ["vae-categorical", "cvae-onehot", "ppca", "vae-gaussian-fixed"])
+@pytest.mark.parametrize("name", ["vae-categorical", "cvae-onehot", "ppca", "vae-gaussian-fixed", "vae-iaf-tanh"])
 def test_state_dict_round_trips_into_a_fresh_model(name):
     model, _, _ = _make(name)
     clone, _, _ = _make(name)
