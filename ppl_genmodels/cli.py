@@ -220,8 +220,7 @@ def _print_result_set(run, folder, files: dict[str, str]) -> None:
 def _evaluate(args) -> int:
     if args.estimators is not None and args.k is not None:
         raise ValueError("give --estimators or --k, not both")
-    if args.k is not None and args.k < 1:
-        raise ValueError(f"k must be >= 1, got {args.k}")
+    _check_at_least(args, 1, "k", "n", "chains", "batch_size")  # before the run is loaded
     options = dict(estimators=args.estimators, k=args.k, split=args.split, n=args.n, batch_size=args.batch_size,
                    chains=args.chains, ais_start=args.ais_start, proposal=args.proposal, progress=not args.quiet)
     if args.estimators is not None:
