@@ -403,3 +403,21 @@ def test_the_last_epoch_can_be_evaluated_instead_of_the_best(tmp_path):
     with pytest.raises(ConfigError, match="evaluate.weights must be 'best'"):
         sweep_module.sweep({**spec, "evaluate": {"weights": "final"}}, tmp_path / "other", progress=False)
     assert not (tmp_path / "other").exists()
+
+
+def test_the_command_line_runs_a_sweep_and_refuses_a_bad_spec(tmp_path, capsys):
+    from ppl_genmodels.cli import main
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text('model = "vae"\ndata = "digits"\nmax_examples = 120\nhidden = [8]\nz_dim = 2\nepochs = 1\n'
+                    '[grid]\nelbo = ["trace", "iwae"]\n[evaluate]\nestimators = "elbo,iwae:10"\nn = 5\n')
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "sweep"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "elbo=trace" in printed and "elbo=iwae" in printed
+    assert len(pd.read_csv(tmp_path / "sweep" / TABLE_FILE)) == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model": "vae", "grid": {"elbo": ["trace"]}, "lr_typo": 1}))
+    assert main(["sweep", str(bad), "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error:") and "lr_typo" in error and "\n" not in error
+    assert not (tmp_path / "bad").exists()
