@@ -33,7 +33,7 @@ def main(argv=None):
 
     run = fit("vae", "circle", args.out, epochs=args.epochs, batch_size=64, patience=0, z_dim=2,
               hidden=[64, 64], progress=not args.quiet, plots=False)
-    gx, gy, log_p = log_density_grid(run.model, run.data.train.x, grid_size=args.grid, k=args.k)
+    gx, gy, log_p = log_density_grid(run.program, run.data.train.x, grid_size=args.grid, k=args.k)
     path = plot_density_2d(gx, gy, log_p, Path(args.out) / "doughnut.png", data=run.data.train.x,
                            true_manifold=run.data.meta["true_manifold"],
                            title=f"VAE on a noisy circle: learned p(x) (importance sampling, k={args.k})")
@@ -42,7 +42,7 @@ def main(argv=None):
     on_circle = torch.as_tensor(run.data.meta["true_manifold"], dtype=run.data.train.x.dtype)
     probes = torch.cat([on_circle, on_circle.new_zeros(1, 2)])
     with torch.no_grad():
-        log_w = log_weights(run.model.model, run.model.guide, probes, num_particles=2000, proposal="mixture")
+        log_w = log_weights(run.program.model, run.program.guide, probes, num_particles=2000, proposal="mixture")
     log_p_probes = log_mean_exp(log_w, 0)
     ring, centre = log_p_probes[:-1].mean().item(), log_p_probes[-1].item()
     print(run.summary().to_string(index=False))

@@ -331,7 +331,7 @@ def main(argv=None) -> dict:
         raise RuntimeError("the VAE's test split differs from the EBM's")
     vae = iwae_row(run.summary())
     corners = torch.stack([box.lo, box.hi])
-    gx, gy, vae_log_p = log_density_grid(run.model, corners, grid_size=args.grid, k=min(args.k, 500), margin=0.0)
+    gx, gy, vae_log_p = log_density_grid(run.program, corners, grid_size=args.grid, k=min(args.k, 500), margin=0.0)
     yy, xx = torch.meshgrid(torch.as_tensor(gy), torch.as_tensor(gx), indexing="ij")
     with torch.no_grad():
         ebm_log_p = (-energy(torch.stack([xx, yy], -1)).squeeze(-1) - log_z).numpy()
