@@ -110,7 +110,7 @@ def _evaluation_parsers(sub) -> None:
                           "elbo,iwae:100; exact is added for models with a closed form)")
     evaluate.add_argument("--k", type=int, help="shorthand for --estimators elbo,iwae:K")
     evaluate.add_argument("--split", choices=SPLIT_NAMES, default="test")
-    evaluate.add_argument("--n", type=int, help="evaluate only the first N datapoints of the split")
+    evaluate.add_argument("--count", dest="n", type=int, help="evaluate only the first N datapoints of the split")
     evaluate.add_argument("--chains", type=int, default=16, help="AIS chains per datapoint (default 16)")
     evaluate.add_argument("--batch-size", type=int, help="datapoints per pass (default: sized to bound memory)")
     evaluate.add_argument("--ais-start", "--ais-init", dest="ais_start", choices=STARTS, default="prior",
@@ -121,7 +121,7 @@ def _evaluation_parsers(sub) -> None:
     _run_options(evaluate)
 
     bdmc = sub.add_parser("bdmc", help="sandwich bounds on log p(x) of data simulated from the model (BDMC)")
-    bdmc.add_argument("--n", type=int, default=100, help="simulated datapoints (default 100)")
+    bdmc.add_argument("--count", dest="n", type=int, default=100, help="simulated datapoints (default 100)")
     bdmc.add_argument("--steps", type=int, default=1000, help="annealing steps of each AIS direction (default 1000)")
     bdmc.add_argument("--chains", type=int, default=16, help="AIS chains per datapoint (default 16)")
     bdmc.add_argument("--batch-size", type=int, help="datapoints per pass (default: sized to bound memory)")
@@ -130,7 +130,7 @@ def _evaluation_parsers(sub) -> None:
 
     compare = sub.add_parser("compare", help="amortized guide vs MCMC, per-datapoint guides and exact posteriors: "
                              "gap decomposition and posterior discrepancies")
-    compare.add_argument("--n", type=int, default=100, help="first N datapoints of the split (default 100)")
+    compare.add_argument("--count", dest="n", type=int, default=100, help="first N datapoints of the split (default 100)")
     compare.add_argument("--split", choices=SPLIT_NAMES, default="test")
     compare.add_argument("--mcmc", choices=MCMC_METHODS, default="hmc",
                          help="batched HMC, or Pyro's NUTS (one datapoint and chain at a time; slow) (default hmc)")
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     _fit_parser(sub)
     sample = sub.add_parser("sample", help="draw samples from a trained run and write a PNG")
     sample.add_argument("run", help="run directory")
-    sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    sample.add_argument("--count", dest="n", type=int, default=64, help="number of samples (default 64)")
     sample.add_argument("--out", help="PNG path (default RUN/plots/samples_N.png)")
     sample.add_argument("--label", type=int, help="class to generate (conditional models on labels)")
     sample.add_argument("--seed", type=int, help="random seed")
@@ -237,12 +237,18 @@ def _evaluate(args) -> int:
     return 0
 
 
+#: options whose flag is not their name: ``--count`` (not ``--n``, which ``torchrun`` reads as an
+#: ambiguous abbreviation of its own ``--nnodes``/``--nproc-per-node`` even after ``-m ppl_genmodels``)
+_FLAGS = {"n": "--count"}
+
+
 def _check_at_least(args, minimum: int, *names: str) -> None:
     """One-line error for the first option below ``minimum`` (options left unset are skipped)."""
     for name in names:
         value = getattr(args, name)
         if value is not None and value < minimum:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+            flag = _FLAGS.get(name, f"--{name.replace('_', '-')}")
+            raise ValueError(f"{flag} must be >= {minimum}, got {value}")
 
 
 def _bdmc(args) -> int:
@@ -331,7 +337,7 @@ def main(argv=None) -> int:
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if not isinstance(err, MemoryError) and "memory" not in text.lower():
             raise
-        print(f"error: out of memory ({text[:200]}); use fewer --particles, a smaller --batch-size or --n",
+        print(f"error: out of memory ({text[:200]}); use fewer --particles, a smaller --batch-size or --count",
               file=sys.stderr)
         return 1
     except (DataError, ConfigError, TraceError, CheckpointError, ValueError) as err:

@@ -129,7 +129,7 @@ def test_fit_resume_keeps_saved_epochs_and_patience(tmp_path, monkeypatch):
 
 def test_sample_image_run(digits_run):
     out = digits_run[0]
-    code, stdout, stderr = _main(["sample", out, "--n", "16", "--seed", "1"])
+    code, stdout, stderr = _main(["sample", out, "--count", "16", "--seed", "1"])
     assert code == 0, stderr
     png = out / "plots" / "samples_16.png"
     assert stdout.strip() == f"wrote {png}"
@@ -138,20 +138,20 @@ def test_sample_image_run(digits_run):
 
 def test_sample_to_chosen_path(digits_run, tmp_path):
     target = tmp_path / "figs" / "grid.png"
-    code, stdout, stderr = _main(["sample", digits_run[0], "--n", "9", "--out", target])
+    code, stdout, stderr = _main(["sample", digits_run[0], "--count", "9", "--out", target])
     assert code == 0, stderr
     assert _is_png(target)
 
 
 def test_sample_2d_run(moons_run):
-    code, stdout, stderr = _main(["sample", moons_run, "--n", "16"])
+    code, stdout, stderr = _main(["sample", moons_run, "--count", "16"])
     assert code == 0, stderr
     assert _is_png(moons_run / "plots" / "samples_16.png")
 
 
 def test_evaluate(digits_run):
     out = digits_run[0]
-    code, stdout, stderr = _main(["evaluate", out, "--k", "20", "--n", "30", "--quiet"])
+    code, stdout, stderr = _main(["evaluate", out, "--k", "20", "--count", "30", "--quiet"])
     assert code == 0, stderr
     rows = _table_rows(stdout)
     assert "elbo" in rows and "iwae20" in rows
@@ -240,7 +240,7 @@ def test_sample_with_corrupt_checkpoint(digits_run, tmp_path):
     shutil.copytree(digits_run[0], copy, ignore=shutil.ignore_patterns("plots"))
     (copy / "best.pt").write_bytes(b"\x00garbage" * 100)
     before = _files(copy)
-    code, stdout, stderr = _main(["sample", copy, "--n", "16"])
+    code, stdout, stderr = _main(["sample", copy, "--count", "16"])
     _assert_error(code, stdout, stderr, "best.pt")
     assert _files(copy) == before
     assert not (copy / "plots").exists()
@@ -253,15 +253,15 @@ def test_sample_a_run_trained_on_cuda_on_a_cpu_machine(digits_run, tmp_path):
     config = json.loads((copy / "config.json").read_text())
     config["device"] = "cuda"  # as written by `fit --device cuda` on a GPU machine
     (copy / "config.json").write_text(json.dumps(config))
-    code, stdout, stderr = _main(["sample", copy, "--n", "4"])
+    code, stdout, stderr = _main(["sample", copy, "--count", "4"])
     assert code == 0, stderr
     assert _is_png(copy / "plots" / "samples_4.png")
 
 
 def test_sample_and_evaluate_bad_arguments(digits_run, tmp_path):
-    _assert_error(*_main(["sample", tmp_path / "absent", "--n", "4"]), "not a run directory")
+    _assert_error(*_main(["sample", tmp_path / "absent", "--count", "4"]), "not a run directory")
     before = _files(digits_run[0])
-    _assert_error(*_main(["sample", digits_run[0], "--n", "0"]), "n must be >= 1")
+    _assert_error(*_main(["sample", digits_run[0], "--count", "0"]), "n must be >= 1")
     _assert_error(*_main(["evaluate", digits_run[0], "--k", "0", "--quiet"]), "k must be >= 1")
     assert _files(digits_run[0]) == before
 
@@ -304,11 +304,11 @@ def test_cvae_on_labels_trains_and_samples(tmp_path):
     assert code == 0, stderr
     assert {"elbo", "iwae10"} <= set(_table_rows(stdout))
     assert read_config(out).data_options.condition == "label"
-    assert _main(["sample", out, "--n", "20"])[0] == 0
+    assert _main(["sample", out, "--count", "20"])[0] == 0
     assert _is_png(out / "plots" / "samples_20.png")
-    code, stdout, _ = _main(["sample", out, "--n", "8", "--label", "3", "--out", tmp_path / "threes.png"])
+    code, stdout, _ = _main(["sample", out, "--count", "8", "--label", "3", "--out", tmp_path / "threes.png"])
     assert code == 0 and _is_png(tmp_path / "threes.png")
-    _assert_error(*_main(["sample", out, "--n", "8", "--label", "12"]), "out of range")
+    _assert_error(*_main(["sample", out, "--count", "8", "--label", "12"]), "out of range")
 
 
 @pytest.mark.skipif(not EXAMPLE_MODELS.is_file(), reason="examples/my_models.py is not there yet")
@@ -362,3 +362,26 @@ def test_resume_refuses_to_change_the_saved_configuration(tmp_path, option):
     code, out, err = _main(["fit", "--resume", "--out", tmp_path / "run", "--epochs", "3", *option])
     _assert_error(code, out, err, f"cannot change {option[0][2:].replace('-', '_')} with --resume")
     assert not (tmp_path / "run").exists()
+
+
+def test_no_option_collides_with_torchruns_parser():
+    """torchrun reads every option after ``-m ppl_genmodels`` too: an option that is a prefix of one of its
+    flags is an (ambiguous) abbreviation there. None of ours may be."""
+    import argparse
+
+    from torch.distributed.run import get_args_parser
+
+    torchrun = get_args_parser()
+    theirs = [s for action in torchrun._actions for s in action.option_strings]
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        for action in command._actions:
+            for flag in action.option_strings:
+                if flag in ("-h", "--help"):
+                    continue
+                assert not [t for t in theirs if t.startswith(flag)], (name, flag)
+    argv = ["--standalone", "--nproc-per-node", "2", "-m", "ppl_genmodels", "evaluate", "RUN", "--count", "64",
+            "--chains", "4", "--name", "x", "--quiet"]
+    parsed = torchrun.parse_args(argv)
+    assert parsed.training_script == "ppl_genmodels" and parsed.training_script_args == argv[5:]

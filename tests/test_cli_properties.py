@@ -414,7 +414,7 @@ def _option(flag, values):
 
 READER_OPTIONS = {
     "evaluate": {
-        "n": _option("n", _below(1)), "chains": _option("chains", _below(1)),
+        "n": _option("count", _below(1)), "chains": _option("chains", _below(1)),
         "batch-size": _option("batch-size", _below(1)), "k": _option("k", _below(1)),
         "estimators": _option("estimators", _bad_estimators()),
         "both": st.just(["--k=5", "--estimators=elbo"]),
@@ -425,18 +425,18 @@ READER_OPTIONS = {
         "name": _option("name", _bad_name(taken=("fit",))),
     },
     "bdmc": {
-        "n": _option("n", _below(1)), "steps": _option("steps", _below(1)), "chains": _option("chains", _below(1)),
+        "n": _option("count", _below(1)), "steps": _option("steps", _below(1)), "chains": _option("chains", _below(1)),
         "batch-size": _option("batch-size", _below(1)), "name": _option("name", _bad_name()),
     },
     "compare": {
-        "n": _option("n", _below(1)), "chains": _option("chains", _below(1)),
+        "n": _option("count", _below(1)), "chains": _option("chains", _below(1)),
         "samples": _option("samples", _below(1)), "warmup": _option("warmup", _below(0)),
         "local-steps": _option("local-steps", _below(0)), "logp-k": _option("logp-k", _below(1)),
         "mcmc": _option("mcmc", st.text(LETTERS, min_size=1, max_size=6).filter(lambda s: s not in ("hmc", "nuts"))),
         "seed": _option("seed", _non_integer_text()), "name": _option("name", _bad_name()),
     },
     "sample": {
-        "n": _option("n", _below(1)),
+        "n": _option("count", _below(1)),
         "out": st.tuples(st.text(LETTERS, min_size=1, max_size=6),
                          st.sampled_from(["", ".txt", ".jpg", ".PNG.bak", ".pdf", "."])).map(
             lambda t: ["--out={folder}/" + t[0] + t[1]]),
@@ -518,7 +518,7 @@ def test_readers_refuse_devices_other_than_auto_cpu_cuda(tiny_run, scratch, reco
 
 DOUBLE_DASH = [["fit", "--epochs=--"], ["fit", "--lr=--"], ["fit", "--z-dim=--"], ["fit", "--seed=--"],
                ["fit", "--device=--"], ["fit", "--hidden=--"], ["fit", "--model-arg=--"],
-               ["evaluate", "{run}", "--n=--"], ["sample", "{run}", "--n=--"]]
+               ["evaluate", "{run}", "--count=--"], ["sample", "{run}", "--count=--"]]
 
 
 def test_option_value_double_dash_is_refused(tiny_run, tmp_path):

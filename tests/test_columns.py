@@ -67,7 +67,7 @@ def test_fit_writes_config_metrics_and_evaluation(vae_run):
 
 
 def test_evaluate_with_every_estimator_kind(vae_run):
-    _ok(["evaluate", vae_run, "--estimators", "elbo:3,iwae:4,ais:2", "--n", 3, "--chains", 2, "--quiet"])
+    _ok(["evaluate", vae_run, "--estimators", "elbo:3,iwae:4,ais:2", "--count", 3, "--chains", 2, "--quiet"])
     folder = vae_run / "evaluation" / "test-n3-elbo3-iwae4-ais2"
     assert _columns(folder / "summary.csv") == SUMMARY
     assert _columns(folder / "per_datapoint.csv") == [
@@ -75,7 +75,7 @@ def test_evaluate_with_every_estimator_kind(vae_run):
 
 
 def test_bdmc(vae_run):
-    _ok(["bdmc", vae_run, "--n", 3, "--steps", 2, "--chains", 2, "--quiet"])
+    _ok(["bdmc", vae_run, "--count", 3, "--steps", 2, "--chains", 2, "--quiet"])
     folder = vae_run / "bdmc" / "n3-steps2-chains2"
     assert _columns(folder / "summary.csv") == SUMMARY
     assert _columns(folder / "per_datapoint.csv") == BDMC
@@ -85,7 +85,7 @@ def test_bdmc(vae_run):
 def test_compare_without_a_closed_form(vae_run):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # unconverged chains: these runs are tiny
-        _ok(["compare", vae_run, "--n", 2, *COMPARE])
+        _ok(["compare", vae_run, "--count", 2, *COMPARE])
     folder = vae_run / "compare" / "test-n2-hmc-c2-s10-w10"
     assert _columns(folder / "summary.csv") == COMPARE_SUMMARY
     assert _columns(folder / "per_datapoint.csv") == COMPARE_PER
@@ -97,14 +97,14 @@ def test_ppca_adds_the_exact_columns(tmp_path):
          "--eval-k", 5, "--out", out, "--quiet", "--no-plots"])
     assert _columns(out / "evaluation" / "fit" / "per_datapoint.csv") == [
         "index", "elbo", "elbo_se", "iwae5", "iwae5_se", "iwae5_ess", "exact", "exact_se"]
-    _ok(["evaluate", out, "--k", 3, "--n", 4, "--proposal", "mixture", "--quiet"])
+    _ok(["evaluate", out, "--k", 3, "--count", 4, "--proposal", "mixture", "--quiet"])
     folder = out / "evaluation" / "test-n4-elbo-iwae3-mixture"
     assert _columns(folder / "per_datapoint.csv") == [
         "index", "elbo", "elbo_se", "iwae3", "iwae3_se", "iwae3_ess", "exact", "exact_se"]
     assert pd.read_csv(folder / "summary.csv")["estimator"].tolist() == ["elbo", "iwae3", "exact"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        _ok(["compare", out, "--n", 2, *COMPARE])
+        _ok(["compare", out, "--count", 2, *COMPARE])
     folder = out / "compare" / "test-n2-hmc-c2-s10-w10"
     assert _columns(folder / "summary.csv") == COMPARE_SUMMARY
     assert _columns(folder / "per_datapoint.csv") == COMPARE_PER_EXACT
@@ -122,7 +122,7 @@ def test_conditional_run(tmp_path):
     assert _columns(out / "metrics.csv") == METRICS
     assert _columns(out / "evaluation" / "fit" / "per_datapoint.csv") == [
         "index", "elbo", "elbo_se", "iwae4", "iwae4_se", "iwae4_ess"]
-    _ok(["bdmc", out, "--n", 2, "--steps", 2, "--chains", 2, "--quiet"])
+    _ok(["bdmc", out, "--count", 2, "--steps", 2, "--chains", 2, "--quiet"])
     assert _columns(out / "bdmc" / "n2-steps2-chains2" / "per_datapoint.csv") == BDMC
     assert _columns(out / "results.csv") == RESULTS
 

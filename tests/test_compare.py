@@ -136,7 +136,7 @@ def test_compare_run_rejects_bad_arguments(ppca_run):
 
 
 def test_cli_compare(ppca_run, capsys):
-    code = main(["compare", str(ppca_run.path), "--n", "3", "--samples", "100", "--warmup", "100",
+    code = main(["compare", str(ppca_run.path), "--count", "3", "--samples", "100", "--warmup", "100",
                  "--local-steps", "50", "--quiet", "--seed", "1"])
     out = capsys.readouterr().out
     assert code == 0
@@ -147,7 +147,7 @@ def test_cli_compare(ppca_run, capsys):
 
 
 def test_cli_compare_with_nuts(ppca_run, capsys):
-    code = main(["compare", str(ppca_run.path), "--n", "2", "--mcmc", "nuts", "--chains", "2", "--samples", "30",
+    code = main(["compare", str(ppca_run.path), "--count", "2", "--mcmc", "nuts", "--chains", "2", "--samples", "30",
                  "--warmup", "30", "--local-steps", "20", "--quiet"])
     out = capsys.readouterr().out
     assert code == 0
@@ -157,7 +157,7 @@ def test_cli_compare_with_nuts(ppca_run, capsys):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--n", "0"], "--n must be >= 1"),
+    (["--count", "0"], "--count must be >= 1"),
     (["--chains", "0"], "--chains must be >= 1"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--name", ".x"], "invalid result set name '.x'"),
@@ -173,7 +173,7 @@ def test_cli_compare_missing_run(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
 
-TINY = ["--n", "2", "--chains", "2", "--samples", "10", "--warmup", "10", "--local-steps", "2", "--logp-k", "10",
+TINY = ["--count", "2", "--chains", "2", "--samples", "10", "--warmup", "10", "--local-steps", "2", "--logp-k", "10",
         "--seed", "0", "--quiet"]
 
 

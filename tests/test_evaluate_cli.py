@@ -253,7 +253,7 @@ def test_bdmc_run_rejects_bad_arguments(vae_run):
 
 def test_cli_evaluate_with_estimators(ppca_run):
     out = ppca_run.path
-    code, stdout, stderr = _main(["evaluate", out, "--estimators", "elbo,iwae:50,ais:5", "--chains", "2", "--n", "6",
+    code, stdout, stderr = _main(["evaluate", out, "--estimators", "elbo,iwae:50,ais:5", "--chains", "2", "--count", "6",
                                   "--batch-size", "4", "--ais-init", "guide", "--quiet", "--device", "cpu"])
     assert code == 0, stderr
     rows = _table_rows(stdout)
@@ -270,14 +270,14 @@ def test_cli_evaluate_with_estimators(ppca_run):
 
 
 def test_cli_evaluate_k_and_proposal(vae_run):
-    code, stdout, stderr = _main(["evaluate", vae_run.path, "--k", "9", "--n", "5", "--proposal", "mixture", "--quiet"])
+    code, stdout, stderr = _main(["evaluate", vae_run.path, "--k", "9", "--count", "5", "--proposal", "mixture", "--quiet"])
     assert code == 0, stderr
     assert {"elbo", "iwae9"} <= set(_table_rows(stdout))
 
 
 def test_cli_bdmc(vae_run):
     out = vae_run.path
-    code, stdout, stderr = _main(["bdmc", out, "--n", "5", "--steps", "5", "--chains", "2", "--quiet"])
+    code, stdout, stderr = _main(["bdmc", out, "--count", "5", "--steps", "5", "--chains", "2", "--quiet"])
     assert code == 0, stderr
     rows = _table_rows(stdout)
     assert {"lower", "upper", "gap"} <= set(rows)
@@ -296,7 +296,7 @@ def test_cli_bdmc(vae_run):
     (["evaluate", "{run}", "--estimators", "iwae:5", "--k", "5"], ["not both"]),
     (["evaluate", "{run}", "--chains", "0", "--estimators", "ais:3"], ["chains must be >= 1"]),
     (["bdmc", "{run}", "--steps", "0"], ["--steps must be >= 1"]),
-    (["bdmc", "{run}", "--n", "-2"], ["--n must be >= 1"]),
+    (["bdmc", "{run}", "--count", "-2"], ["--count must be >= 1"]),
     (["bdmc", "{absent}"], ["not a run directory"]),
     (["evaluate", "{absent}", "--estimators", "iwae:5"], ["not a run directory"]),
     (["evaluate", "{run}", "--name", "fit"], ["result set 'fit' already exists in", "choose another --name"]),
@@ -376,7 +376,7 @@ def test_two_evaluations_keep_both_sets_and_both_index_rows(fresh_run):
 
 
 def test_the_same_options_twice_get_a_numbered_name(fresh_run):
-    argv = ["evaluate", fresh_run, "--k", "4", "--n", "3", "--quiet"]
+    argv = ["evaluate", fresh_run, "--k", "4", "--count", "3", "--quiet"]
     code, stdout, stderr = _main(argv)
     assert code == 0, stderr
     first = fresh_run / "evaluation" / "test-n3-elbo-iwae4"
@@ -395,7 +395,7 @@ def test_the_same_options_twice_get_a_numbered_name(fresh_run):
 
 
 def test_an_existing_name_is_refused_before_any_work(fresh_run, monkeypatch):
-    code, stdout, stderr = _main(["evaluate", fresh_run, "--k", "3", "--n", "2", "--name", "mine", "--quiet"])
+    code, stdout, stderr = _main(["evaluate", fresh_run, "--k", "3", "--count", "2", "--name", "mine", "--quiet"])
     assert code == 0, stderr
     assert f"result set: {fresh_run / 'evaluation' / 'mine'}" in stdout
     before = _files(fresh_run)
@@ -421,7 +421,7 @@ def test_fit_evaluation_survives_a_later_evaluate(fresh_run):
     fit_set = _files(fresh_run / "evaluation" / "fit")
     fit_summary = pd.read_csv(fresh_run / "evaluation" / "fit" / "summary.csv")
     assert fit_summary["n"].iloc[0] > 3
-    code, stdout, stderr = _main(["evaluate", fresh_run, "--n", "3", "--quiet"])
+    code, stdout, stderr = _main(["evaluate", fresh_run, "--count", "3", "--quiet"])
     assert code == 0, stderr
     assert _files(fresh_run / "evaluation" / "fit") == fit_set
     later = pd.read_csv(fresh_run / "evaluation" / "test-n3-elbo-iwae100" / "summary.csv")

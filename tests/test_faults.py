@@ -493,9 +493,9 @@ def test_readers_are_refused_while_a_resume_holds_the_lock(reference, tmp_path):
         results_before = _fingerprint(out, skip=(runs.LOCK_FILE, runs.CHECKPOINT_FILE, runs.BEST_FILE,
                                                  runs.METRICS_FILE, runs.CONFIG_FILE))
         readers = {
-            "evaluate": _popen(["evaluate", out, "--estimators", "elbo", "--n", 5, "--quiet"]),
-            "bdmc": _popen(["bdmc", out, "--n", 2, "--steps", 3, "--chains", 2, "--quiet"]),
-            "compare": _popen(["compare", out, "--n", 2, "--chains", 1, "--samples", 5, "--warmup", 5,
+            "evaluate": _popen(["evaluate", out, "--estimators", "elbo", "--count", 5, "--quiet"]),
+            "bdmc": _popen(["bdmc", out, "--count", 2, "--steps", 3, "--chains", 2, "--quiet"]),
+            "compare": _popen(["compare", out, "--count", 2, "--chains", 1, "--samples", 5, "--warmup", 5,
                                "--local-steps", 5, "--logp-k", 10, "--quiet"]),
         }
         outcomes = {name: (p.wait(timeout=SUBPROCESS_TIMEOUT), p.communicate()[1]) for name, p in readers.items()}
@@ -578,11 +578,11 @@ def tampered_run(tmp_path):
 
 
 REFUSED_COMMANDS = {
-    "evaluate": ["evaluate", "{run}", "--estimators", "elbo", "--n", "5", "--quiet"],
-    "bdmc": ["bdmc", "{run}", "--n", "2", "--steps", "3", "--chains", "2", "--quiet"],
-    "compare": ["compare", "{run}", "--n", "2", "--chains", "1", "--samples", "5", "--warmup", "5",
+    "evaluate": ["evaluate", "{run}", "--estimators", "elbo", "--count", "5", "--quiet"],
+    "bdmc": ["bdmc", "{run}", "--count", "2", "--steps", "3", "--chains", "2", "--quiet"],
+    "compare": ["compare", "{run}", "--count", "2", "--chains", "1", "--samples", "5", "--warmup", "5",
                 "--local-steps", "5", "--logp-k", "10", "--quiet"],
-    "sample": ["sample", "{run}", "--n", "4"],
+    "sample": ["sample", "{run}", "--count", "4"],
     "fit --resume": ["fit", "--resume", "--out", "{run}", "--epochs", "3", "--quiet", "--no-plots"],
 }
 
@@ -598,14 +598,14 @@ def test_tampered_model_file_is_refused_by_every_command(tampered_run):
 
 def test_tampered_model_file_is_opened_when_trusted(tampered_run):
     model, out = tampered_run
-    code, _, err = _main(["evaluate", out, "--estimators", "elbo", "--n", 5, "--quiet", "--trust-model-file"])
+    code, _, err = _main(["evaluate", out, "--estimators", "elbo", "--count", 5, "--quiet", "--trust-model-file"])
     assert code == 0, err
     code, _, err = _main(["fit", "--resume", "--out", out, "--epochs", 3, "--quiet", "--no-plots",
                           "--trust-model-file"])
     assert code == 0, err
     assert pd.read_csv(out / runs.METRICS_FILE)["epoch"].tolist() == [1, 2, 3]
     # the resume records the file it trusted: the run opens without the flag from now on
-    code, _, err = _main(["evaluate", out, "--estimators", "elbo", "--n", 5, "--quiet"])
+    code, _, err = _main(["evaluate", out, "--estimators", "elbo", "--count", 5, "--quiet"])
     assert code == 0, err
 
 
@@ -711,8 +711,8 @@ def test_corrupt_checkpoint_stops_a_resume_in_one_line(small_run, tmp_path, how)
 @pytest.mark.parametrize("command", ["evaluate", "sample"])
 def test_corrupt_checkpoints_stop_evaluate_and_sample_in_one_line(small_run, tmp_path, how, command):
     out, before = _damaged_copy(small_run, tmp_path, DAMAGE[how], runs.CHECKPOINT_FILE, runs.BEST_FILE)
-    argv = {"evaluate": ["evaluate", out, "--estimators", "elbo", "--n", 5, "--quiet"],
-            "sample": ["sample", out, "--n", 4]}[command]
+    argv = {"evaluate": ["evaluate", out, "--estimators", "elbo", "--count", 5, "--quiet"],
+            "sample": ["sample", out, "--count", 4]}[command]
     code, _, err = _main(argv)
     _one_line_error(code, err, "corrupt")
     assert _fingerprint(out) == before
@@ -722,7 +722,7 @@ def test_corrupt_checkpoints_stop_evaluate_and_sample_in_one_line(small_run, tmp
 def test_checkpoint_with_a_pickled_class_is_refused_in_one_line(small_run, tmp_path, command):
     out, before = _damaged_copy(small_run, tmp_path, _foreign, runs.CHECKPOINT_FILE, runs.BEST_FILE)
     argv = {"fit --resume": ["fit", "--resume", "--out", out, "--epochs", 3, "--quiet", "--no-plots"],
-            "evaluate": ["evaluate", out, "--estimators", "elbo", "--n", 5, "--quiet"]}[command]
+            "evaluate": ["evaluate", out, "--estimators", "elbo", "--count", 5, "--quiet"]}[command]
     code, _, err = _main(argv)
     _one_line_error(code, err)
     assert _fingerprint(out) == before
@@ -807,7 +807,7 @@ def test_directory_bit_in_zip_entry_is_reported_as_corrupt_by_evaluate(small_run
             (out / name).write_bytes(bytes(data))
             with zipfile.ZipFile(out / name) as archive:
                 assert archive.testzip() is None  # the damage the CRC check cannot see
-        done = _cli(["evaluate", out, "--estimators", "elbo", "--n", 5, "--quiet"])
+        done = _cli(["evaluate", out, "--estimators", "elbo", "--count", 5, "--quiet"])
         try:
             _one_line_error(done.returncode, done.stderr, "corrupt")
         except AssertionError as err:
@@ -835,7 +835,7 @@ def test_zip_header_damage_stops_evaluate_and_resume_in_one_line(small_run, tmp_
             data = bytearray((out / name).read_bytes())
             data[_central_directory(bytes(data))[0] + offset] ^= mask
             (out / name).write_bytes(bytes(data))
-        for argv in (["evaluate", out, "--estimators", "elbo", "--n", 5, "--quiet"],
+        for argv in (["evaluate", out, "--estimators", "elbo", "--count", 5, "--quiet"],
                      ["fit", "--resume", "--out", out, "--epochs", 3, "--quiet", "--no-plots"]):
             try:
                 code, _, err = _main(argv)

@@ -100,16 +100,16 @@ def test_tutorial_vae_trains_from_the_command_line(tutorial_run):
 
 
 def test_tutorial_vae_through_evaluate_bdmc_and_compare(tutorial_run):
-    done = _cli("evaluate", tutorial_run, "--estimators", "elbo,iwae:50,ais:10", "--n", "4", "--chains", "2",
+    done = _cli("evaluate", tutorial_run, "--estimators", "elbo,iwae:50,ais:10", "--count", "4", "--chains", "2",
                 "--quiet")
     assert done.returncode == 0, done.stderr
     per = pd.read_csv(tutorial_run / "evaluation" / "test-n4-elbo-iwae50-ais10" / "per_datapoint.csv")
     assert len(per) == 4 and (per["elbo"] <= per["iwae50"] + 1e-4).all()
-    done = _cli("bdmc", tutorial_run, "--n", "3", "--steps", "10", "--chains", "2", "--quiet")
+    done = _cli("bdmc", tutorial_run, "--count", "3", "--steps", "10", "--chains", "2", "--quiet")
     assert done.returncode == 0, done.stderr
     bounds = pd.read_csv(tutorial_run / "bdmc" / "n3-steps10-chains2" / "per_datapoint.csv")
     assert len(bounds) == 3 and np.isfinite(bounds[["lower", "upper"]].to_numpy()).all()
-    done = _cli("compare", tutorial_run, "--n", "2", "--chains", "2", "--samples", "10", "--warmup", "10",
+    done = _cli("compare", tutorial_run, "--count", "2", "--chains", "2", "--samples", "10", "--warmup", "10",
                 "--local-steps", "3", "--logp-k", "20", "--quiet")
     assert done.returncode == 0, done.stderr
     gaps = pd.read_csv(tutorial_run / "compare" / "test-n2-hmc-c2-s10-w10" / "per_datapoint.csv")
