@@ -25,7 +25,7 @@ from ppl_genmodels.models import DESCRIPTIONS
 from ppl_genmodels.plots import sample_run
 from ppl_genmodels.runs import CheckpointError, Run, load_run
 from ppl_genmodels.sweep import SPEC_FILE, TABLE_FILE, sweep
-from ppl_genmodels.traces import PROPOSALS, STARTS, TraceError
+from ppl_genmodels.traces import PROPOSALS, STARTS, TraceError, first_line
 from ppl_genmodels.train import TrainingDiverged, fit
 
 __all__ = ["main", "build_parser"]
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as err:
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = first_line(err)
         if not isinstance(err, MemoryError) and "memory" not in text.lower():
             raise
         print(f"error: out of memory ({text[:200]}); use fewer --particles, a smaller --batch-size or --count",

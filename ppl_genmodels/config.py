@@ -44,7 +44,7 @@ from ppl_genmodels.data import DataOptions, Dataset, load_dataset
 from ppl_genmodels.inference.objectives import KL_WEIGHTED, OBJECTIVES, ObjectiveNames, parse_objective
 from ppl_genmodels.models import REGISTRY
 from ppl_genmodels.programs import Program
-from ppl_genmodels.traces import TraceError
+from ppl_genmodels.traces import TraceError, first_line
 
 __all__ = [
     "ConfigError",
@@ -473,7 +473,7 @@ def build_model(config: RunConfig, dataset: Dataset, model=None) -> Program:
         try:
             module = cls(**kwargs)
         except Exception as err:
-            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            message = first_line(err, "")
             raise ConfigError(f"cannot build model {cls.__name__}: {type(err).__name__}: {message}") from None
         _record(config, cls, kwargs)
     try:

@@ -328,6 +328,10 @@ class Dataset:
             raise DataError(f"unknown split {name!r}; expected one of train, val, test")
         return getattr(self, name)
 
+    def probe(self, size: int = 8):
+        """``(x, y)``: the first ``size`` training points, as a training batch yields them (to trace a model on)."""
+        return next(iter(self.batches("train", min(size, len(self.train)))))
+
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False,
                 generator: torch.Generator | None = None
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:

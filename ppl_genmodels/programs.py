@@ -41,7 +41,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from ppl_genmodels.traces import TraceError, log_weights, max_plate_nesting
+from ppl_genmodels.traces import TraceError, first_line, log_weights, max_plate_nesting
 
 __all__ = ["Convention", "convention", "Program"]
 
@@ -228,7 +228,7 @@ class Program(nn.Module):
         except TraceError as err:
             raise TraceError(f"model {name}: {err}") from None
         except Exception as err:
-            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            message = first_line(err, "")
             c = self.conventions["model"]
             hint = "" if c.positional else (
                 f"; it was called as {c.name}({c.data}=x" + (f", {c.condition}=y" if c.condition else "")

@@ -49,7 +49,7 @@ import torch
 from ppl_genmodels.config import ConfigError, RunConfig, build_model, check_model_file, resolve_device
 from ppl_genmodels.data import Dataset
 from ppl_genmodels.programs import Program
-from ppl_genmodels.traces import TraceError
+from ppl_genmodels.traces import TraceError, first_line
 
 __all__ = [
     "CheckpointError",
@@ -259,7 +259,7 @@ def _archive_damage(path: Path) -> str | None:
                     return f"member {info.filename} has a damaged header"
             bad = archive.testzip()
     except Exception as err:  # zipfile raises many types for damaged headers
-        return f"not a complete archive: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+        return f"not a complete archive: {first_line(err)}"
     return None if bad is None else f"member {bad} fails its checksum"
 
 
@@ -489,12 +489,11 @@ def load_run(path, *, device: str | None = None, which: str = "best", model=None
     if not file.is_file() and which == "best":
         file = path / CHECKPOINT_FILE
     payload = load_checkpoint(file, map_location=dev)
-    x, y = next(iter(dataset.batches("train", min(8, len(dataset.train.x)))))
-    program.check(x, y)  # creates the pyro.param sites the checkpoint restores
+    program.check(*dataset.probe())  # creates the pyro.param sites the checkpoint restores
     try:
         program.load_state(payload)
     except (RuntimeError, TraceError) as err:
-        first = str(err).strip().splitlines()[0]
+        first = first_line(err)
         raise CheckpointError(f"checkpoint {file} does not fit model {type(program.module).__name__}: {first}") from None
     program.eval()
     metrics_file = path / METRICS_FILE

@@ -76,7 +76,7 @@ from ppl_genmodels.data import DataOptions
 from ppl_genmodels.evaluation import active_units, evaluate_run, parse_estimators
 from ppl_genmodels.plots import plot_sweep
 from ppl_genmodels.runs import Run, write_csv
-from ppl_genmodels.traces import TraceError
+from ppl_genmodels.traces import TraceError, first_line
 from ppl_genmodels.train import TrainingDiverged, fit
 
 __all__ = ["sweep", "read_spec", "plan_sweep", "SweepPlan", "Cell", "cell_name", "finished_set", "table_columns",
@@ -159,7 +159,7 @@ def read_spec(spec) -> dict:
         text = path.read_text(encoding="utf-8")
         values = tomllib.loads(text) if kind == "toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise ConfigError(f"sweep spec {path} is not valid {kind.upper()}: {first}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"sweep spec {path} must hold a table of options at its top level")
@@ -320,7 +320,7 @@ def _check_cells(plan: SweepPlan) -> None:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"cell {cell.name}: {err}") from None
     dataset = configs[0].load_data()  # the data options are the same in every cell
-    x, y = next(iter(dataset.batches("train", min(8, len(dataset.train)))))
+    x, y = dataset.probe()
     with torch.random.fork_rng(devices=[]):  # building draws initial weights: the caller's stream is untouched
         for cell, config in zip(plan.cells, configs):
             try:

@@ -45,6 +45,7 @@ __all__ = [
     "DATA_PLATE",
     "PROPOSALS",
     "TraceError",
+    "first_line",
     "plate_dims",
     "seeded_from",
     "max_plate_nesting",
@@ -67,6 +68,14 @@ PROPOSALS = ("guide", "prior", "mixture")
 
 class TraceError(ValueError):
     """A model/guide pair that breaks the model contract (one-line message)."""
+
+
+def first_line(err: BaseException, default: str | None = None) -> str:
+    """The first line of an exception's message, for one-line errors (empty: ``default``, else its type's name)."""
+    text = str(err).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(err).__name__ if default is None else default
 
 
 def plate_dims(site) -> dict[str, int]:
