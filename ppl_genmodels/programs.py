@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -206,7 +207,9 @@ class Program(nn.Module):
             table.update({name: detached(p) for name, p in original.items() if p is not None})
         self._store["params"] = {name: detached(p) for name, p in store.items()}
         try:
-            yield self
+            with warnings.catch_warnings():  # pyro.module skips (and warns of) the detached copies: as meant here
+                warnings.filterwarnings("ignore", message=".*not registered in the param store because requires_grad")
+                yield self
         finally:
             for table, original in saved:
                 table.update(original)

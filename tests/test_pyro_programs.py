@@ -291,3 +291,13 @@ def test_contract_errors_name_the_site_and_the_change(program, message):
     with pytest.raises(TraceError) as info:
         Program(program).check(torch.randn(4, 3))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_dreg_on_the_tutorial_vae_trains_without_warnings(digits784, tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pyro.module's requires_grad warning would fail here
+        run = fit(f"{PROGRAMS / 'tutorial_vae.py'}:VAE", str(digits784), tmp_path / "run", epochs=1, elbo="dreg",
+                  particles=2, z_dim=2, model_args={"hidden_dim": 16}, evaluate=False, **QUIET)
+    assert np.isfinite(run.metrics["val_elbo"]).all()
