@@ -42,6 +42,12 @@ log|det J| of the transform is part of both densities; see
 :class:`ppl_genmodels.traces.LogJoint`). Chains are a vectorized particle
 plate and datapoints the data plate, so one pass of the model serves every
 chain of every datapoint of a batch.
+
+Every function takes a ``generator``: None (torch's global generator), a
+``torch.Generator``, or per-datapoint streams (:class:`ppl_genmodels.streams.Streams`
+for the rows of ``x``): then the initial draws (through Pyro, under ``streams.draws()``)
+and every HMC transition of a datapoint come from its own stream, and since the step
+size adapts per datapoint, a datapoint's estimate does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ from tqdm.auto import tqdm
 from ppl_genmodels.inference import hmc
 from ppl_genmodels.inference.adaptation import TARGET_ACCEPT, adapt_step_size
 from ppl_genmodels.inference.importance import iwae_estimate
-from ppl_genmodels.traces import DATA_PLATE, LogJoint, TraceError, observed_site, seeded_from
+from ppl_genmodels.traces import DATA_PLATE, LogJoint, TraceError, is_streams, observed_site, seeded_from
 
 __all__ = ["AISResult", "AnnealedPoint", "SCHEDULES", "sigmoid_schedule", "linear_schedule", "ais", "simulate",
            "bdmc"]
@@ -137,7 +143,7 @@ class AISState(NamedTuple):
 
 
 def _anneal(state: AISState, joint: LogJoint, beta_prev: float, beta: float, num_leapfrog: int, target_accept: float,
-            generator: torch.Generator | None) -> AISState:
+            generator) -> AISState:
     """One AIS step: add the weight increment at the current point, then one HMC transition leaving f_beta invariant."""
     point = state.point
     log_w = state.log_w + (beta - beta_prev) * (point.log_target - point.log_start)
@@ -171,7 +177,7 @@ def ais(
     schedule: str = "sigmoid",
     reverse: bool = False,
     latents: dict | None = None,
-    generator: torch.Generator | None = None,
+    generator=None,
     progress: bool = False,
 ) -> AISResult:
     """AIS estimate of log p(x | y) for every datapoint of ``x  # [batch, ...]``.
@@ -181,24 +187,29 @@ def ais(
     an exact posterior sample, e.g. from :func:`simulate`), and returns the stochastic
     upper bound. ``generator``, when given, drives every random draw (tracing the pair, the
     initial draws, every HMC transition): the result depends on it alone, and torch's
-    global generator is left as it was.
+    global generator is left as it was. Per-datapoint streams give the initial draws and
+    the transitions streams of their own (``start``, ``kernel``).
     """
     _check(num_chains, num_leapfrog, schedule, reverse, latents)
     began = time.perf_counter()
     with seeded_from(generator):  # Pyro's own draws (tracing the pair) from the generator too
         joint = LogJoint(model, guide, x, y, start=start)
+    starts, kernel = (generator.child("start"), generator.child("kernel")) if is_streams(generator) else \
+        (generator, generator)
     batch = x.shape[0]
     betas = SCHEDULES[schedule](num_steps).tolist()
     if reverse:
         betas = betas[::-1]
         u = joint.layout.pack({k: v.detach().to(x.dtype) for k, v in latents.items()}, (num_chains, batch))
     else:
-        u = joint.sample_start(num_chains, generator=generator)
+        u = joint.sample_start(num_chains, generator=starts)
+        if is_streams(generator) and not starts.exact:
+            generator.exact = False  # some start draw came from torch's global generator
     eps = torch.full((1, batch, 1), float(step_size), dtype=x.dtype, device=x.device)
     with pyro.validation_enabled(False):
         state = AISState(_evaluator(joint, betas[0])(u), x.new_zeros(num_chains, batch), eps, x.new_zeros(batch))
         for t in tqdm(range(1, num_steps + 1), desc="AIS", unit="step", disable=not progress, leave=False):
-            state = _anneal(state, joint, betas[t - 1], betas[t], num_leapfrog, target_accept, generator)
+            state = _anneal(state, joint, betas[t - 1], betas[t], num_leapfrog, target_accept, kernel)
     value, stderr, ess = iwae_estimate(state.log_w)
     if reverse:
         value = -value  # E[w] = 1 / p(x): the estimate of log p(x) is -log-mean-exp
@@ -207,14 +218,16 @@ def ais(
 
 
 @torch.no_grad()
-def simulate(model: Callable, x_template: torch.Tensor, y: torch.Tensor | None = None):
+def simulate(model: Callable, x_template: torch.Tensor, y: torch.Tensor | None = None, *, generator=None):
     """Draw data from the model: ``(x, latents)`` with ``latents = {site: value [n, ...]}`` that generated x.
 
     ``x_template [n, ...]`` fixes the number of draws, shape, device and dtype.
     A pair (z, x) drawn this way makes z an exact sample of p(z | x), which is
-    what reverse AIS needs.
+    what reverse AIS needs. ``generator``: None, a ``torch.Generator``, or per-datapoint
+    streams for the n draws (each simulated datapoint then depends on its own stream alone).
     """
-    trace = prune_subsample_sites(poutine.trace(poutine.uncondition(model)).get_trace(x_template, y))
+    with seeded_from(generator):
+        trace = prune_subsample_sites(poutine.trace(poutine.uncondition(model)).get_trace(x_template, y))
     name = observed_site(trace)
     latents = {}
     for site_name, site in trace.nodes.items():
@@ -239,13 +252,18 @@ def bdmc(
     step_size: float = 0.1,
     target_accept: float = TARGET_ACCEPT,
     schedule: str = "sigmoid",
-    generator: torch.Generator | None = None,
+    generator=None,
     progress: bool = False,
 ) -> tuple[AISResult, AISResult]:
-    """Forward (lower bound) and reverse (upper bound) AIS on simulated data with known latents."""
+    """Forward (lower bound) and reverse (upper bound) AIS on simulated data with known latents.
+
+    A ``torch.Generator`` drives both runs in turn; per-datapoint streams give each run a stream
+    of its own (``forward``, ``reverse``).
+    """
     options = dict(num_steps=num_steps, num_chains=num_chains, start=start, num_leapfrog=num_leapfrog,
-                   step_size=step_size, target_accept=target_accept, schedule=schedule, generator=generator,
-                   progress=progress)
-    forward = ais(model, guide, x, y, **options)
-    backward = ais(model, guide, x, y, reverse=True, latents=latents, **options)
+                   step_size=step_size, target_accept=target_accept, schedule=schedule, progress=progress)
+    streams = is_streams(generator)
+    forward = ais(model, guide, x, y, generator=generator.child("forward") if streams else generator, **options)
+    backward = ais(model, guide, x, y, reverse=True, latents=latents,
+                   generator=generator.child("reverse") if streams else generator, **options)
     return forward, backward

@@ -38,17 +38,25 @@ A and a reference B (each ``[draws, batch, dim]``, all latent sites flattened):
 :func:`guide_draws` and :func:`exact_draws` give every method's draws in the
 same flat layout. :func:`ppl_genmodels.comparison.compare_run` puts it all
 together on a trained run and writes the tables, draws and figures.
+
+``generator`` is None (torch's global generator), a ``torch.Generator``, or
+per-datapoint streams (:class:`ppl_genmodels.streams.Streams` for the rows of ``x``).
+With streams every draw of a datapoint comes from its own stream: the energy
+distance's subsample of draws is chosen per datapoint (the draws ranked by uniforms
+of its stream) rather than shared by the batch, and each estimate of
+:func:`gap_decomposition` gets a stream of its own (``local``, ``elbo``, ``logp``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pyro
 import torch
 
 from ppl_genmodels.inference.importance import batched_estimates
 from ppl_genmodels.inference.local import LocalGuideResult, fit_local_guides
-from ppl_genmodels.traces import LatentLayout, LogJoint
+from ppl_genmodels.traces import DATA_PLATE, PARTICLE_PLATE, LatentLayout, LogJoint, is_streams, seeded_from
 
 __all__ = ["DISCREPANCIES", "energy_distance", "posterior_discrepancy", "GapDecomposition", "gap_decomposition",
            "guide_draws", "exact_draws"]
@@ -68,15 +76,21 @@ def _check_draws(name: str, draws: torch.Tensor) -> torch.Tensor:
     return draws
 
 
-def _subsample(draws: torch.Tensor, max_draws: int, generator: torch.Generator | None) -> torch.Tensor:
+def _subsample(draws: torch.Tensor, max_draws: int, generator) -> torch.Tensor:
+    """``max_draws`` of the draws ``[draws, batch, dim]``: the same ones for every datapoint, or with streams
+    each datapoint's own (its draws ranked by uniforms of its stream)."""
     if draws.shape[0] <= max_draws:
         return draws
+    if is_streams(generator):
+        ranks = generator.uniform(draws.shape[:2], data_dim=1, dtype=torch.float64).to(draws.device)  # [draws, B]
+        keep = ranks.argsort(0)[:max_draws]  # [max_draws, B]
+        return draws.gather(0, keep.unsqueeze(-1).expand(-1, -1, draws.shape[-1]))
     keep = torch.randperm(draws.shape[0], generator=generator)[:max_draws].to(draws.device)
     return draws[keep]
 
 
 def energy_distance(samples_a: torch.Tensor, samples_b: torch.Tensor, *, max_draws: int = MAX_ENERGY_DRAWS,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator=None) -> torch.Tensor:
     """Energy distance D^2 between two sets of draws per datapoint; ``[draws, batch, dim]`` each -> ``[batch]``."""
     a = _subsample(_check_draws("samples_a", samples_a), max_draws, generator).transpose(0, 1).double()  # [B, Na, d]
     b = _subsample(_check_draws("samples_b", samples_b), max_draws, generator).transpose(0, 1).double()  # [B, Nb, d]
@@ -89,7 +103,7 @@ def energy_distance(samples_a: torch.Tensor, samples_b: torch.Tensor, *, max_dra
 
 @torch.no_grad()
 def posterior_discrepancy(samples_a: torch.Tensor, samples_b: torch.Tensor, *, max_draws: int = MAX_ENERGY_DRAWS,
-                          generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                          generator=None) -> dict[str, torch.Tensor]:
     """Discrepancies of draws ``samples_a`` from reference draws ``samples_b`` (``[draws, batch, dim]`` each).
 
     Returns ``{"mean_sd", "sd_ratio", "energy"}``, each ``[batch]`` (see the module docstring).
@@ -140,7 +154,7 @@ def _float64(t: torch.Tensor) -> torch.Tensor:
 
 def gap_decomposition(module, x: torch.Tensor, y: torch.Tensor | None = None, *,
                       local: LocalGuideResult | None = None, logp_k: int = 5000, elbo_k: int = 1000,
-                      local_steps: int = 500, progress: bool = False) -> GapDecomposition:
+                      local_steps: int = 500, generator=None, progress: bool = False) -> GapDecomposition:
     """Per-datapoint log p(x), ELBO of the local and of the amortized guide, and the two gaps.
 
     Args:
@@ -150,23 +164,29 @@ def gap_decomposition(module, x: torch.Tensor, y: torch.Tensor | None = None, *,
             datapoints (else one is fitted with ``local_steps`` steps).
         logp_k: particles of the IWAE estimate of log p(x) when there is no closed form.
         elbo_k: particles of the amortized guide's ELBO estimate.
+        generator: None, a ``torch.Generator`` (drawn from in turn) or per-datapoint streams.
 
     All values are float64 on the CPU.
     """
     for name, value in (("logp_k", logp_k), ("elbo_k", elbo_k)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+
+    def stream(purpose):
+        return generator.child(purpose) if is_streams(generator) else generator
+
     if local is None:
-        local = fit_local_guides(module.model, module.guide, x, y, steps=local_steps, progress=progress)
+        local = fit_local_guides(module.model, module.guide, x, y, steps=local_steps, generator=stream("local"),
+                                 progress=progress)
     amortized, _ = batched_estimates(module.model, module.guide, x, y, k=elbo_k, progress=progress,
-                                     desc=f"amortized ELBO (k={elbo_k})")
+                                     desc=f"amortized ELBO (k={elbo_k})", generator=stream("elbo"))
     if _has(module, "exact_log_marginal"):
         with torch.no_grad():
             log_px = module.exact_log_marginal(x) if y is None else module.exact_log_marginal(x, y)
         log_px_se, source = torch.zeros_like(log_px), "exact"
     else:
         _, iwae = batched_estimates(module.model, module.guide, x, y, k=logp_k, progress=progress,
-                                    desc=f"log p(x) (iwae{logp_k})")
+                                    desc=f"log p(x) (iwae{logp_k})", generator=stream("logp"))
         log_px, log_px_se, source = iwae.value, iwae.stderr, f"iwae{logp_k}"
     return GapDecomposition(_float64(log_px), _float64(log_px_se), source, _float64(local.elbo),
                             _float64(local.elbo_se), _float64(amortized.value), _float64(amortized.stderr))
@@ -174,18 +194,28 @@ def gap_decomposition(module, x: torch.Tensor, y: torch.Tensor | None = None, *,
 
 @torch.no_grad()
 def guide_draws(model, guide, x: torch.Tensor, y: torch.Tensor | None, num: int, layout: LatentLayout,
-                nesting: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                nesting: int | None = None, generator=None) -> torch.Tensor:
     """``[num, batch, latent_dim]`` draws from the amortized guide, constrained, flattened in ``layout``'s order."""
     start = LogJoint(model, guide, x, y, start="guide", nesting=nesting)
     values, _ = start.layout.unpack(start.sample_start(num, generator=generator))
     return layout.flatten(values, 2).cpu()
 
 
+def _sample(post, num: int, batch: int, generator) -> torch.Tensor:
+    """``num`` draws of a distribution of batch shape ``[batch]``; per datapoint from streams, through Pyro."""
+    if not is_streams(generator):
+        with seeded_from(generator):
+            return post.sample((num,))
+    with generator.draws(), pyro.plate(PARTICLE_PLATE, num, dim=-2), pyro.plate(DATA_PLATE, batch, dim=-1):
+        return pyro.sample("exact", post)
+
+
 @torch.no_grad()
-def exact_draws(module, x: torch.Tensor, y: torch.Tensor | None, num: int, layout: LatentLayout) -> torch.Tensor | None:
+def exact_draws(module, x: torch.Tensor, y: torch.Tensor | None, num: int, layout: LatentLayout, *,
+                generator=None) -> torch.Tensor | None:
     """``[num, batch, latent_dim]`` from ``module.exact_posterior`` for a model with one latent site, else None."""
     if not _has(module, "exact_posterior") or len(layout.sites) != 1:
         return None
     post = module.exact_posterior(x) if y is None else module.exact_posterior(x, y)
-    draws = post.sample((num,)).reshape(num, x.shape[0], -1)
+    draws = _sample(post, num, x.shape[0], generator).reshape(num, x.shape[0], -1)
     return draws.cpu() if draws.shape[-1] == layout.dim else None

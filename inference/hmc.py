@@ -20,7 +20,11 @@ broadcast against the position, so a ``[1, batch, 1]`` step size gives each
 target its own step size and a ``[chains, batch, 1]`` one each chain its own.
 Adaptation is a separate piece (:mod:`ppl_genmodels.inference.adaptation`).
 Every random draw (momentum, acceptance) comes from ``generator`` when one is
-given (on the position's device), else from torch's global generator.
+given (on the position's device), else from torch's global generator. With
+per-datapoint streams (:class:`ppl_genmodels.streams.Streams` for the ``batch``
+datapoints) the momentum of chain c of datapoint b and its acceptance uniform come
+from b's own stream, the t-th transition's draws being the t-th draws of the
+streams: a datapoint's chain does not depend on the other datapoints of the batch.
 
 ``step`` differentiates a plain log density. ``transition`` is the same
 transition for a state that carries more than the log density at its position
@@ -34,6 +38,8 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, TypeVar
 
 import torch
+
+from ppl_genmodels.traces import is_streams
 
 __all__ = ["HMCState", "HMCInfo", "init", "step", "transition"]
 
@@ -80,6 +86,20 @@ def _leapfrog(state: State, momentum: torch.Tensor, evaluate: Callable[[torch.Te
     return point, p + 0.5 * step_size * point.grad
 
 
+def _normal(like: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normals shaped like ``like  # [chains, batch, dim]``: per datapoint from streams, else ``generator``."""
+    if is_streams(generator):
+        return generator.normal(like.shape, data_dim=1, dtype=like.dtype).to(like.device)
+    return torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=generator)
+
+
+def _uniform(like: torch.Tensor, generator) -> torch.Tensor:
+    """Uniforms on [0, 1) (in (0, 1) from streams) shaped like ``like  # [chains, batch]``."""
+    if is_streams(generator):
+        return generator.uniform(like.shape, data_dim=1, dtype=like.dtype).to(like.device)
+    return torch.rand(like.shape, dtype=like.dtype, device=like.device, generator=generator)
+
+
 def transition(
     state: State,
     evaluate: Callable[[torch.Tensor], State],
@@ -88,12 +108,15 @@ def transition(
     num_leapfrog: int = 10,
     *,
     divergence_threshold: float = 1000.0,
-    generator: torch.Generator | None = None,
+    generator=None,
 ) -> tuple[State, HMCInfo]:
-    """One HMC transition of every chain of every target, for a state built by ``evaluate(position)``."""
+    """One HMC transition of every chain of every target, for a state built by ``evaluate(position)``.
+
+    ``generator``: None (torch's global generator), a ``torch.Generator``, or per-datapoint streams.
+    """
     z0 = state.position
     inverse_mass = torch.as_tensor(inverse_mass, dtype=z0.dtype, device=z0.device)
-    noise = torch.randn(z0.shape, dtype=z0.dtype, device=z0.device, generator=generator)
+    noise = _normal(z0, generator)
     momentum = noise * inverse_mass.rsqrt()  # p ~ N(0, M)
     energy0 = -state.log_density + 0.5 * (inverse_mass * momentum**2).sum(-1)
     proposal, p = _leapfrog(state, momentum, evaluate, step_size, inverse_mass, num_leapfrog)
@@ -101,7 +124,7 @@ def transition(
     delta = energy0 - energy  # log of the Metropolis ratio
     divergent = ~torch.isfinite(delta) | (-delta > divergence_threshold)
     accept_rate = torch.where(divergent, torch.zeros_like(delta), delta.clamp(max=0.0).exp())
-    uniform = torch.rand(accept_rate.shape, dtype=accept_rate.dtype, device=accept_rate.device, generator=generator)
+    uniform = _uniform(accept_rate, generator)
     accepted = uniform < accept_rate
     new = type(state)(*(_select(accepted, a, b) for a, b in zip(proposal, state)))
     return new, HMCInfo(accept_rate, accepted, divergent, energy)
@@ -115,7 +138,7 @@ def step(
     num_leapfrog: int = 10,
     *,
     divergence_threshold: float = 1000.0,
-    generator: torch.Generator | None = None,
+    generator=None,
 ) -> tuple[HMCState, HMCInfo]:
     """One HMC transition of every chain of every target of ``logdensity_fn``."""
     return transition(state, lambda position: init(position, logdensity_fn), step_size, inverse_mass, num_leapfrog,

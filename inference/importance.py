@@ -34,6 +34,22 @@ s2 = sum w^2 / e^(2m) = M2_w + s1^2 / K, and
 
 :func:`streaming_estimates` drives it with ``traces.log_weights(..., num_particles=chunk)``,
 so memory is bounded by the chunk whatever K is.
+
+Per-datapoint streams. With ``generator`` a :class:`ppl_genmodels.streams.Streams` (one
+stream per datapoint, keyed by the datapoint's index), a datapoint's particles depend
+on its own stream alone, and so, bit for bit, does its estimate, whatever batch, pass
+or process computes it. Fixed draws are not enough for that: the arithmetic must not
+depend on the layout either. So under streams the particles come in chunks of
+:func:`particle_chunk` = min(k, 128), a function of k alone (the accumulator's
+rounding depends on the chunks), and every vectorized pass holds a multiple of
+:data:`PAD` = 32 datapoints, the last pass padded by repeating its last datapoint (with
+its stream; the copies' results are dropped): :func:`padded_passes`. Measured on this
+project's CPU build (MKL, AVX-512): a row of a matrix product has the same bits whatever
+rows share the product only when their number is a multiple of 4, and element-wise
+kernels run 32 float32 elements at a time and the remainder in scalar code whose
+last bit can differ (softplus, sigmoid); with 32 | datapoints no datapoint's elements
+fall in a remainder. A ``torch.Generator`` (or None: torch's global generator) keeps
+the plain layout, passes sized by ``batch_size`` and ``rows_per_pass``.
 """
 
 from __future__ import annotations
@@ -47,21 +63,66 @@ import torch
 from tqdm.auto import tqdm
 
 from ppl_genmodels import traces
-from ppl_genmodels.traces import log_mean_exp
+from ppl_genmodels.traces import is_streams, log_mean_exp, seeded_from
 
 __all__ = [
     "Estimate",
     "ImportanceStats",
     "ImportanceAccumulator",
     "ROWS_PER_PASS",
+    "PAD",
+    "MAX_CHUNK",
+    "particle_chunk",
+    "pass_size",
+    "padded_passes",
     "iwae_estimate",
     "streaming_estimates",
     "batched_estimates",
 ]
 
-#: particles x datapoints per vectorized pass: bounds memory whatever k is; passes of 4k-16k rows keep
-#: the temporaries small enough to be reused between passes (``benchmarks/evaluate.py``)
-ROWS_PER_PASS = 8_192
+#: particles x datapoints per vectorized pass: bounds memory whatever k is; passes of about 4k rows keep
+#: the temporaries small enough to be reused between passes (``benchmarks/evaluate.py``): on a 2-core
+#: AVX-512 CPU a pass of 4096 rows of the MNIST VAE 784-400-50 took 5.1 us a row, one of 8192 rows 8.0
+#: (the digits VAE 64-256-16: 0.74 and 1.30)
+ROWS_PER_PASS = 4_096
+#: under per-datapoint streams every vectorized pass holds a multiple of PAD datapoints (see the module docstring)
+PAD = 32
+#: particles per chunk under per-datapoint streams: min(k, MAX_CHUNK), a function of k alone; a pass of PAD
+#: datapoints then holds at most ROWS_PER_PASS particle rows
+MAX_CHUNK = ROWS_PER_PASS // PAD
+
+
+def particle_chunk(k: int) -> int:
+    """Particles per chunk under per-datapoint streams: min(k, :data:`MAX_CHUNK`), whatever the batch or device."""
+    return max(1, min(int(k), MAX_CHUNK))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-int(n) // multiple) * multiple
+
+
+def pass_size(particles: int, *, rows_per_pass: int | None = None, batch_size: int | None = None) -> int:
+    """Datapoints per vectorized pass under per-datapoint streams: a multiple of :data:`PAD`.
+
+    ``batch_size`` rounded up to a multiple of PAD when given; else as many datapoints as
+    ``rows_per_pass`` (default :data:`ROWS_PER_PASS`) particle rows hold with ``particles``
+    rows each, rounded down to a multiple of PAD, and at least PAD.
+    """
+    if batch_size is not None:
+        return _round_up(max(1, batch_size), PAD)
+    rows = ROWS_PER_PASS if rows_per_pass is None else int(rows_per_pass)
+    return max(PAD, rows // max(1, int(particles)) // PAD * PAD)
+
+
+def padded_passes(n: int, size: int):
+    """Consecutive passes over ``n`` datapoints, ``size`` (a multiple of PAD) at a time: ``(begin, stop, rows)``.
+
+    ``rows  # [width]`` are the datapoints of the pass, ``begin .. stop - 1``, then the last one
+    repeated up to a multiple of :data:`PAD` (the copies' results are to be dropped).
+    """
+    for begin in range(0, n, size):
+        stop = min(n, begin + size)
+        yield begin, stop, torch.arange(begin, begin + _round_up(stop - begin, PAD)).clamp_max(stop - 1)
 
 
 @dataclass
@@ -175,13 +236,16 @@ class ImportanceAccumulator:
 
 @torch.no_grad()
 def streaming_estimates(model, guide, x, y=None, *, k: int = 100, chunk_size: int | None = 1000,
-                        proposal: str = "guide") -> tuple[Estimate, Estimate]:
+                        proposal: str = "guide", generator=None) -> tuple[Estimate, Estimate]:
     """ELBO and IWAE-k for one batch of data from the same k particles, ``chunk_size`` at a time.
 
     Never holds more than ``[chunk_size, batch]`` log weights, so k may be as
     large as patience allows. ``proposal`` is that of :func:`ppl_genmodels.traces.log_weights`;
     for ``"mixture"`` chunks hold an even number of particles, so every chunk
     (and the whole) draws half its particles from the guide and half from the prior.
+    ``generator``: None (torch's global generator), a ``torch.Generator``, or per-datapoint
+    streams for the rows of ``x`` (particle j of a datapoint is then particle j of its
+    stream, whatever the chunks: ``particle_offset`` advances chunk by chunk).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -193,11 +257,17 @@ def streaming_estimates(model, guide, x, y=None, *, k: int = 100, chunk_size: in
         chunk += 1
     nesting = traces.max_plate_nesting(model, guide, x, y)
     acc = ImportanceAccumulator()
-    done = 0
-    while done < k:
-        size = min(chunk, k - done)
-        acc.update(traces.log_weights(model, guide, x, y, num_particles=size, proposal=proposal, nesting=nesting))
-        done += size
+    streams = is_streams(generator)
+    with seeded_from(None if streams else generator):  # a torch.Generator: one seed for every chunk
+        done = 0
+        while done < k:
+            size = min(chunk, k - done)
+            if streams:
+                generator.particle_offset = done  # this chunk's particles are done .. done + size - 1
+            with seeded_from(generator if streams else None):
+                acc.update(traces.log_weights(model, guide, x, y, num_particles=size, proposal=proposal,
+                                              nesting=nesting))
+            done += size
     stats = acc.result()
     seconds = time.perf_counter() - start
     return (Estimate("elbo", stats.elbo, stats.elbo_se, None, seconds),
@@ -210,28 +280,59 @@ def _cat(parts: list[Estimate], seconds: float) -> Estimate:
                     ess, seconds)
 
 
+def _kept(estimate: Estimate, count: int) -> Estimate:
+    """The first ``count`` datapoints of a padded pass's estimate."""
+    ess = None if estimate.ess is None else estimate.ess[:count]
+    return Estimate(estimate.estimator, estimate.value[:count], estimate.stderr[:count], ess, estimate.seconds)
+
+
+def _passes(x, y, k: int, batch_size, rows_per_pass, streams):
+    """``(x, y, chunk, generator, kept)`` of each pass: padded passes under streams, else the plain layout."""
+    n = x.shape[0]
+    if streams is not None:
+        for begin, stop, rows in padded_passes(n, pass_size(particle_chunk(k), rows_per_pass=rows_per_pass,
+                                                            batch_size=batch_size)):
+            rows = rows.to(x.device)
+            yield (x[rows], None if y is None else y[rows], particle_chunk(k),
+                   streams.subset(rows.to(streams.index.device)), stop - begin)
+        return
+    rows = ROWS_PER_PASS if rows_per_pass is None else rows_per_pass
+    batch = batch_size or max(1, min(n, rows // min(k, rows)))
+    chunk = max(1, rows // batch)
+    for begin in range(0, n, batch):
+        xb = x[begin : begin + batch]
+        yield xb, None if y is None else y[begin : begin + batch], chunk, None, xb.shape[0]
+
+
 @torch.no_grad()
 def batched_estimates(model, guide, x, y=None, *, k: int = 100, batch_size: int | None = None,
                       rows_per_pass: int | None = None, proposal: str = "guide", progress: bool = False,
-                      desc: str | None = None) -> tuple[Estimate, Estimate]:
+                      desc: str | None = None, generator=None) -> tuple[Estimate, Estimate]:
     """ELBO and IWAE-k for every datapoint of ``x``, in passes of at most ``rows_per_pass`` particle rows.
 
     Each pass takes ``batch_size`` datapoints (default: as many as fit ``rows_per_pass``,
     default :data:`ROWS_PER_PASS`, with one particle each) and streams their k particles
     through :func:`streaming_estimates` in chunks that fill the pass. ``seconds`` of the
     results is the time spent estimating (progress bars excluded).
+
+    ``generator``: None or a ``torch.Generator`` (drawn from in that order, pass after pass),
+    or per-datapoint streams for the rows of ``x``; then the layout is the fixed one of the
+    module docstring (chunks of :func:`particle_chunk`, passes of :func:`pass_size` datapoints,
+    a multiple of :data:`PAD`: ``batch_size`` is rounded up to one) and each datapoint's
+    estimate is the same bits whatever ``batch_size``, ``rows_per_pass`` or the other rows of ``x``.
     """
-    rows = ROWS_PER_PASS if rows_per_pass is None else rows_per_pass
+    streams = generator if is_streams(generator) else None
     n = x.shape[0]
-    batch = batch_size or max(1, min(n, rows // min(k, rows)))
-    chunk = max(1, rows // batch)
     elbos, iwaes, seconds = [], [], 0.0
-    with tqdm(total=n, desc=desc or f"iwae{k}", unit="pt", disable=not progress, leave=False) as bar:
-        for begin in range(0, n, batch):
-            xb, yb = x[begin : begin + batch], None if y is None else y[begin : begin + batch]
-            elbo, iwae = streaming_estimates(model, guide, xb, yb, k=k, chunk_size=chunk, proposal=proposal)
-            elbos.append(elbo)
-            iwaes.append(iwae)
+    with tqdm(total=n, desc=desc or f"iwae{k}", unit="pt", disable=not progress, leave=False) as bar, \
+            seeded_from(None if streams is not None else generator):
+        for xb, yb, chunk, sub, kept in _passes(x, y, k, batch_size, rows_per_pass, streams):
+            elbo, iwae = streaming_estimates(model, guide, xb, yb, k=k, chunk_size=chunk, proposal=proposal,
+                                             generator=sub)
+            if sub is not None and not sub.exact:
+                streams.exact = False
+            elbos.append(_kept(elbo, kept))
+            iwaes.append(_kept(iwae, kept))
             seconds += elbo.seconds
-            bar.update(xb.shape[0])
+            bar.update(kept)
     return _cat(elbos, seconds), _cat(iwaes, seconds)

@@ -84,6 +84,13 @@ Gradients are taken with respect to the local parameters only: the model's
 parameters are frozen (their ``requires_grad`` flags are restored afterwards)
 and never change. After the last step the ELBO of each datapoint is estimated
 afresh from ``eval_particles`` draws, with its standard error.
+
+``generator`` is None (torch's global generator), a ``torch.Generator``, or
+per-datapoint streams (:class:`ppl_genmodels.streams.Streams` for the rows of ``x``):
+then every draw of a datapoint (the fallback family's starting draw, each step's
+particles, the final ELBO's) comes from its own stream, and since Adam acts
+element by element, its fitted guide does not depend on the other datapoints of the
+batch. (The ``history`` of the mean ELBO over the batch does, by definition.)
 """
 
 from __future__ import annotations
@@ -108,7 +115,7 @@ from tqdm.auto import tqdm
 
 from ppl_genmodels import traces
 from ppl_genmodels.inference.importance import streaming_estimates
-from ppl_genmodels.traces import DATA_PLATE, TraceError
+from ppl_genmodels.traces import DATA_PLATE, TraceError, is_streams, seeded_from
 
 __all__ = ["LocalSite", "LocalGuide", "LocalGuideResult", "local_guide", "fit_local_guides", "sample_local"]
 
@@ -421,9 +428,12 @@ def _conditional_sites(guide: Callable, trace, names: list[str], x, y) -> set[st
     return conditional
 
 
-def local_guide(guide: Callable, x: torch.Tensor, y: torch.Tensor | None = None) -> LocalGuide:
-    """A :class:`LocalGuide` for the batch ``x``, initialised at the amortized ``guide``'s output."""
-    with torch.no_grad(), poutine.block():
+def local_guide(guide: Callable, x: torch.Tensor, y: torch.Tensor | None = None, *, generator=None) -> LocalGuide:
+    """A :class:`LocalGuide` for the batch ``x``, initialised at the amortized ``guide``'s output.
+
+    ``generator`` draws the amortized guide's trace (whose draws start the fallback family).
+    """
+    with torch.no_grad(), poutine.block(), seeded_from(generator):
         trace = prune_subsample_sites(poutine.trace(guide).get_trace(x, y))
     latent = {name: site for name, site in trace.nodes.items() if site["type"] == "sample" and not site["is_observed"]}
     if not latent:
@@ -467,6 +477,29 @@ class LocalGuideResult:
     seconds: float
 
 
+def _optimise(model, fitting: LocalGuide, leaves, x, y, *, steps, lr, num_particles, generator,
+              progress) -> list[torch.Tensor]:
+    """Adam on the summed ELBO of every datapoint; the mean ELBO over the batch at each step."""
+    nesting = traces.max_plate_nesting(model, fitting, x, y)
+    optimizer = torch.optim.Adam(leaves, lr=lr)
+    history = []
+    with tqdm(total=steps, desc="local guides", unit="step", disable=not progress, leave=False) as bar:
+        for step in range(steps):
+            with seeded_from(generator.child(f"step{step}") if is_streams(generator) else None):
+                log_w = traces.log_weights(model, fitting, x, y, num_particles=num_particles, nesting=nesting)  # [K, B]
+            elbo = log_w.mean(0)  # [B]
+            grads = torch.autograd.grad(-elbo.sum(), leaves)
+            for p, g in zip(leaves, grads):
+                # a datapoint whose weights are not finite this step skips it (its rows are zeroed)
+                p.grad = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+            optimizer.step()
+            history.append(elbo.detach().mean())
+            bar.update()
+            if step % 50 == 0:
+                bar.set_postfix(elbo=f"{history[-1].item():.3f}")
+    return history
+
+
 def fit_local_guides(
     model: Callable,
     guide: Callable,
@@ -478,6 +511,7 @@ def fit_local_guides(
     num_particles: int = 8,
     eval_particles: int = 1000,
     sticking_landing: bool = True,
+    generator=None,
     progress: bool = False,
 ) -> LocalGuideResult:
     """Fit one guide per datapoint of ``x  # [batch, ...]`` in the amortized ``guide``'s family.
@@ -491,6 +525,7 @@ def fit_local_guides(
         sticking_landing: use the path-derivative gradient (Roeder et al. 2017), whose
             variance vanishes where q equals the posterior; False: the plain
             reparameterisation gradient. Both are unbiased for the ELBO's gradient.
+        generator: None, a ``torch.Generator`` or per-datapoint streams (module docstring).
         progress: a tqdm bar over the steps.
     """
     if steps < 0 or num_particles < 1 or eval_particles < 1:
@@ -499,42 +534,37 @@ def fit_local_guides(
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     began = time.perf_counter()
-    local = local_guide(guide, x, y)
-    leaves = local.parameters()
-    fitting = local.with_sticking_landing(sticking_landing)
-    history = []
-    with _frozen(model, guide):
-        nesting = traces.max_plate_nesting(model, local, x, y)
-        optimizer = torch.optim.Adam(leaves, lr=lr)
-        with tqdm(total=steps, desc="local guides", unit="step", disable=not progress, leave=False) as bar:
-            for step in range(steps):
-                log_w = traces.log_weights(model, fitting, x, y, num_particles=num_particles, nesting=nesting)  # [K, B]
-                elbo = log_w.mean(0)  # [B]
-                grads = torch.autograd.grad(-elbo.sum(), leaves)
-                for p, g in zip(leaves, grads):
-                    # a datapoint whose weights are not finite this step skips it (its rows are zeroed)
-                    p.grad = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
-                optimizer.step()
-                history.append(elbo.detach().mean())
-                bar.update()
-                if step % 50 == 0:
-                    bar.set_postfix(elbo=f"{history[-1].item():.3f}")
-        for p in leaves:
-            p.requires_grad_(False)
-        estimate, _ = streaming_estimates(model, local, x, y, k=eval_particles)
+    streams = is_streams(generator)
+    with seeded_from(None if streams else generator):  # a torch.Generator: one seed for the whole fit
+        local = local_guide(guide, x, y, generator=generator.child("start") if streams else None)
+        leaves = local.parameters()
+        with _frozen(model, guide):
+            history = _optimise(model, local.with_sticking_landing(sticking_landing), leaves, x, y, steps=steps,
+                                lr=lr, num_particles=num_particles, generator=generator if streams else None,
+                                progress=progress)
+            for p in leaves:
+                p.requires_grad_(False)
+            estimate, _ = streaming_estimates(model, local, x, y, k=eval_particles,
+                                              generator=generator.child("elbo") if streams else None)
     history = torch.stack(history) if history else x.new_zeros(0, dtype=estimate.value.dtype)
     return LocalGuideResult(local, estimate.value, estimate.stderr, local.params(), history,
                             time.perf_counter() - began)
 
 
 @torch.no_grad()
-def sample_local(result: LocalGuideResult | LocalGuide, num_samples: int) -> dict[str, torch.Tensor]:
-    """``num_samples`` draws from each datapoint's local guide: ``{site: [num_samples, B, *event]}``."""
+def sample_local(result: LocalGuideResult | LocalGuide, num_samples: int, *,
+                 generator=None) -> dict[str, torch.Tensor]:
+    """``num_samples`` draws from each datapoint's local guide: ``{site: [num_samples, B, *event]}``.
+
+    ``generator``: None (torch's global generator), a ``torch.Generator``, or per-datapoint streams
+    (then the guide runs as a Pyro program under a particle plate, each datapoint's draws from its stream).
+    """
     local = result.guide if isinstance(result, LocalGuideResult) else result
-    if local.amortized is None:
+    if local.amortized is None and generator is None:
         return {name: q.sample((num_samples,)) for name, q in local.distributions().items()}
     x, y = local.data
-    with poutine.block(), pyro.plate(traces.PARTICLE_PLATE, num_samples, dim=-local.nesting - 1):
+    with poutine.block(), seeded_from(generator), \
+            pyro.plate(traces.PARTICLE_PLATE, num_samples, dim=-local.nesting - 1):
         trace = poutine.trace(local).get_trace(x, y)
     return {s.name: trace.nodes[s.name]["value"].expand((num_samples, local.batch_size) + s.event_shape)
             for s in local.sites}

@@ -15,6 +15,16 @@ inverse mass per datapoint from the doubling windows.
 ``nuts_posterior`` is the reference: Pyro's ``NUTS`` on the same log density,
 one datapoint and one chain at a time, with its own adaptation.
 
+``generator`` is None (torch's global generator), a ``torch.Generator``, or
+per-datapoint streams (:class:`ppl_genmodels.streams.Streams` for the rows of ``x``).
+With streams, ``hmc_posterior``'s starting draws and momenta and acceptance uniforms
+come from each datapoint's own stream (``start``, ``kernel``), and its adaptation is
+per chain and datapoint, so a datapoint's draws do not depend on its batch; the
+jittered number of leapfrog steps, which every chain of the batch shares, comes from
+a ``torch.Generator`` seeded from the streams' seed and purpose alone, the same in
+every batch and process. Pyro's NUTS draws from torch's global generator whatever
+``generator`` is: only its starting draws follow ``generator``.
+
 Both return an :class:`MCMCResult` with draws per latent site of shape
 ``[chains, draws, batch, *event]`` and per-datapoint diagnostics from ArviZ:
 split rank-normalised R-hat, bulk and tail effective sample sizes (Vehtari et
@@ -44,7 +54,7 @@ from ppl_genmodels.inference.adaptation import (
     window_adaptation_init,
     window_adaptation_update,
 )
-from ppl_genmodels.traces import LogJoint, seeded_from
+from ppl_genmodels.traces import LogJoint, is_streams, seeded_from
 
 __all__ = ["MCMCResult", "MCMC_METHODS", "RHAT_THRESHOLD", "hmc_posterior", "nuts_posterior", "diagnostics"]
 
@@ -121,6 +131,14 @@ def _result(layout, u_draws: torch.Tensor, accept_rate, divergences, began: floa
     return result
 
 
+def _count_generator(generator) -> torch.Generator | None:
+    """Where the jittered leapfrog counts come from: ``generator`` itself, or for per-datapoint streams a CPU
+    ``torch.Generator`` seeded from their seed and purpose (``base``) alone, since one count serves the whole batch."""
+    if is_streams(generator):
+        return torch.Generator().manual_seed(generator.base % 2**63)
+    return generator
+
+
 def _jittered(num_leapfrog: int, generator: torch.Generator | None) -> int:
     """A number of leapfrog steps drawn uniformly from 1 .. 2L - 1 (mean L).
 
@@ -135,8 +153,7 @@ def _jittered(num_leapfrog: int, generator: torch.Generator | None) -> int:
     return int(torch.randint(1, 2 * num_leapfrog, (), generator=generator, device=device).item())
 
 
-def _start_positions(model, guide, x, y, joint: LogJoint, chains: int, start: str,
-                     generator: torch.Generator | None) -> torch.Tensor:
+def _start_positions(model, guide, x, y, joint: LogJoint, chains: int, start: str, generator) -> torch.Tensor:
     """``[chains, batch, dim]`` draws from the prior (``joint``'s own start) or the guide."""
     if start != joint.start:
         joint = LogJoint(model, guide, x, y, start=start, nesting=joint.nesting)
@@ -156,7 +173,7 @@ def hmc_posterior(
     num_leapfrog: int = 5,
     step_size: float = 0.1,
     target_accept: float = TARGET_ACCEPT,
-    generator: torch.Generator | None = None,
+    generator=None,
     progress: bool = False,
     warn: bool = True,
 ) -> MCMCResult:
@@ -165,13 +182,19 @@ def hmc_posterior(
     Chains start from draws of ``start`` (``"guide"`` or ``"prior"``). ``generator``, when
     given, drives every random draw (the starting draws, the leapfrog counts, every
     transition): the draws depend on it alone, and torch's global generator is left as it was.
+    With per-datapoint streams see the module docstring.
     """
     if num_chains < 1 or num_samples < 1 or warmup < 0 or num_leapfrog < 1:
         raise ValueError("num_chains, num_samples and num_leapfrog must be >= 1 and warmup >= 0")
     began = time.perf_counter()
+    streams = is_streams(generator)
+    starts, kernel = (generator.child("start"), generator.child("kernel")) if streams else (generator, generator)
+    counts = _count_generator(generator)
     with seeded_from(generator):  # Pyro's own draws (tracing the pair) from the generator too
         joint = LogJoint(model, guide, x, y, start="prior")
-        u = _start_positions(model, guide, x, y, joint, num_chains, start, generator)
+        u = _start_positions(model, guide, x, y, joint, num_chains, start, starts)
+    if streams and not starts.exact:
+        generator.exact = False  # some start draw came from torch's global generator
     draws, accept = [], x.new_zeros(num_chains, x.shape[0])
     divergent = torch.zeros(num_chains, x.shape[0], dtype=torch.long)
     with pyro.validation_enabled(False), tqdm(total=warmup + num_samples, desc="HMC", unit="it",
@@ -179,13 +202,13 @@ def hmc_posterior(
         state, adapt = hmc.init(u, joint.log_target), window_adaptation_init(u, step_size)
         for stage in warmup_schedule(warmup):
             state, info = hmc.step(state, joint.log_target, adapt.step_size, adapt.inverse_mass,
-                                   _jittered(num_leapfrog, generator), generator=generator)
+                                   _jittered(num_leapfrog, counts), generator=kernel)
             adapt = window_adaptation_update(adapt, stage, state.position, info.accept_rate, target_accept)
             bar.update(1)
         eps, inverse_mass = window_adaptation_final(adapt)
         for _ in range(num_samples):
-            state, info = hmc.step(state, joint.log_target, eps, inverse_mass, _jittered(num_leapfrog, generator),
-                                   generator=generator)
+            state, info = hmc.step(state, joint.log_target, eps, inverse_mass, _jittered(num_leapfrog, counts),
+                                   generator=kernel)
             draws.append(state.position)
             accept = accept + info.accept_rate
             divergent = divergent + info.divergent.long().cpu()
@@ -222,13 +245,14 @@ def nuts_posterior(
     warmup: int = 1000,
     start: str = "guide",
     target_accept: float = 0.8,
-    generator: torch.Generator | None = None,
+    generator=None,
     progress: bool = False,
     warn: bool = True,
 ) -> MCMCResult:
     """Pyro's NUTS on the same conditioned log density, one datapoint and one chain at a time.
 
     ``generator`` drives the chains' starting draws only: Pyro's NUTS draws from the global generator.
+    (Per-datapoint streams: each datapoint's starting draws from its own stream.)
     """
     began = time.perf_counter()
     batch = x.shape[0]
@@ -239,7 +263,8 @@ def nuts_posterior(
             xb, yb = x[b : b + 1], None if y is None else y[b : b + 1]
             joint = LogJoint(model, guide, xb, yb, start="prior")
             layout = joint.layout
-            starts = _start_positions(model, guide, xb, yb, joint, num_chains, start, generator)  # [chains, 1, dim]
+            point = generator.subset(slice(b, b + 1)) if is_streams(generator) else generator
+            starts = _start_positions(model, guide, xb, yb, joint, num_chains, start, point)  # [chains, 1, dim]
             chains = []
             for c in range(num_chains):
                 draws, divergences, rate = _nuts_chain(joint, starts[c, 0], num_samples, warmup, target_accept)

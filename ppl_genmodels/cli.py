@@ -16,6 +16,7 @@ import dataclasses
 import sys
 import typing
 
+from ppl_genmodels import distributed
 from ppl_genmodels.comparison import compare_name, compare_run
 from ppl_genmodels.config import ConfigError, RunConfig
 from ppl_genmodels.data import DATASETS, SPLIT_NAMES, DataError
@@ -83,12 +84,20 @@ def _fit_parser(sub) -> None:
     fit.add_argument("--no-plots", action="store_true", help="skip the figures")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     _trust_option(fit)
+    _processes_option(fit)
+
+
+def _processes_option(parser) -> None:
+    parser.add_argument("--processes", dest="launch_processes", type=int, help="run N worker processes on this machine through torchrun's "
+                        "launcher (training with DDP, evaluation sharded by datapoint); under torchrun leave it out")
 
 
 def _run_options(parser, seed: bool = False) -> None:
     parser.add_argument("run", help="run directory")
     if seed:
-        parser.add_argument("--seed", type=int, help="random seed")
+        parser.add_argument("--seed", type=int, help="random seed of the Monte Carlo streams (default 0): each "
+                            "datapoint's draws depend on it and the datapoint's index only")
+    _processes_option(parser)
     parser.add_argument("--device", help="device to load the run on (default: the training device, else auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _trust_option(parser)
@@ -118,7 +127,7 @@ def _evaluation_parsers(sub) -> None:
     evaluate.add_argument("--proposal", choices=PROPOSALS, default="guide",
                           help="importance proposal of elbo and iwae (default guide)")
     _name_option(evaluate, "evaluation", "test-n20-elbo-iwae100")
-    _run_options(evaluate)
+    _run_options(evaluate, seed=True)
 
     bdmc = sub.add_parser("bdmc", help="sandwich bounds on log p(x) of data simulated from the model (BDMC)")
     bdmc.add_argument("--count", dest="n", type=int, default=100, help="simulated datapoints (default 100)")
@@ -126,7 +135,7 @@ def _evaluation_parsers(sub) -> None:
     bdmc.add_argument("--chains", type=int, default=16, help="AIS chains per datapoint (default 16)")
     bdmc.add_argument("--batch-size", type=int, help="datapoints per pass (default: sized to bound memory)")
     _name_option(bdmc, "bdmc", "n100-steps1000-chains16")
-    _run_options(bdmc)
+    _run_options(bdmc, seed=True)
 
     compare = sub.add_parser("compare", help="amortized guide vs MCMC, per-datapoint guides and exact posteriors: "
                              "gap decomposition and posterior discrepancies")
@@ -151,6 +160,7 @@ def _sweep_parser(sub) -> None:
     sweep_cmd.add_argument("--out", required=True, help="sweep directory: a run directory per cell, sweep.csv, "
                            "plots/; a sweep started again there skips its finished cells")
     sweep_cmd.add_argument("--quiet", action="store_true", help="no progress lines or bars")
+    _processes_option(sweep_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +214,17 @@ def _print_summary(summary, what: str) -> None:
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
+def _load(args) -> Run:
+    """The run of an evaluate/bdmc/compare command, its process group joined in a multi-process job."""
+    run = load_run(args.run, device=args.device, trust_model_file=args.trust_model_file)
+    distributed.setup(run.device)
+    return run
+
+
+def _seed(args) -> dict:
+    return {} if args.seed is None else {"seed": args.seed}
+
+
 def _check_name(args, kind: str) -> None:
     """A bad or taken --name fails before the run is loaded."""
     if args.name is not None:
@@ -226,11 +247,11 @@ def _evaluate(args) -> int:
     if args.estimators is not None:
         parse_estimators(args.estimators)  # a bad spec fails before the run is loaded
     _check_name(args, "evaluation")
-    run = load_run(args.run, device=args.device, trust_model_file=args.trust_model_file)
-    name = run.new_result_name("evaluation", args.name, default=evaluation_name(
+    run = _load(args)
+    name = distributed.agree(lambda: run.new_result_name("evaluation", args.name, default=evaluation_name(
         estimators=args.estimators, k=args.k, split=args.split, n=args.n, ais_start=args.ais_start,
-        proposal=args.proposal))
-    summary, _ = evaluate_run(run, name=name, **options)
+        proposal=args.proposal)))
+    summary, _ = evaluate_run(run, name=name, **options, **_seed(args))
     _print_summary(summary, f"log p(x) on the {args.split} split")
     _print_result_set(run, run.result_set("evaluation", name),
                       {"summary": "summary.csv", "per-datapoint estimates": "per_datapoint.csv"})
@@ -254,11 +275,11 @@ def _check_at_least(args, minimum: int, *names: str) -> None:
 def _bdmc(args) -> int:
     _check_at_least(args, 1, "n", "steps", "chains", "batch_size")
     _check_name(args, "bdmc")
-    run = load_run(args.run, device=args.device, trust_model_file=args.trust_model_file)
-    name = run.new_result_name("bdmc", args.name,
-                               default=bdmc_name(n=args.n, num_steps=args.steps, chains=args.chains))
+    run = _load(args)
+    name = distributed.agree(lambda: run.new_result_name(
+        "bdmc", args.name, default=bdmc_name(n=args.n, num_steps=args.steps, chains=args.chains)))
     summary, _ = bdmc_run(run, n=args.n, num_steps=args.steps, chains=args.chains, batch_size=args.batch_size,
-                          progress=not args.quiet, name=name)
+                          progress=not args.quiet, name=name, **_seed(args))
     _print_summary(summary, f"BDMC bounds on log p(x) of simulated data ({args.steps} steps)")
     _print_result_set(run, run.result_set("bdmc", name),
                       {"summary": "summary.csv", "per-datapoint bounds": "per_datapoint.csv"})
@@ -269,9 +290,9 @@ def _compare(args) -> int:
     _check_at_least(args, 1, "n", "chains", "samples", "logp_k")
     _check_at_least(args, 0, "warmup", "local_steps")
     _check_name(args, "compare")
-    run = load_run(args.run, device=args.device, trust_model_file=args.trust_model_file)
-    name = run.new_result_name("compare", args.name, default=compare_name(
-        n=args.n, split=args.split, mcmc=args.mcmc, chains=args.chains, samples=args.samples, warmup=args.warmup))
+    run = _load(args)
+    name = distributed.agree(lambda: run.new_result_name("compare", args.name, default=compare_name(
+        n=args.n, split=args.split, mcmc=args.mcmc, chains=args.chains, samples=args.samples, warmup=args.warmup)))
     summary, per, _ = compare_run(run, n=args.n, split=args.split, mcmc=args.mcmc, chains=args.chains,
                                   samples=args.samples, warmup=args.warmup, local_steps=args.local_steps,
                                   logp_k=args.logp_k, seed=args.seed, progress=not args.quiet, name=name)
@@ -328,21 +349,74 @@ def main(argv=None) -> int:
     if empty:  # argparse would take "--opt=--" as an empty list and skip the option's type
         parser.error(f"argument {empty[0]}: expected one value, got '--'")
     args = parser.parse_args(argv)
+    here = distributed.world()
+    processes = getattr(args, "launch_processes", None)
+    if processes is not None:
+        if processes < 1:
+            parser.error(f"argument --processes: must be >= 1, got {processes}")
+        if here.distributed:
+            parser.error("argument --processes: this process was started by torchrun already; leave it out")
+        if processes > 1:
+            return _launch(processes, argv)
+    if not here.rank == 0:  # one process reports: the others run silently
+        sys.stdout = _Silent()
+        if hasattr(args, "quiet"):
+            args.quiet = True
+    try:
+        return _run_command(args, report=here.rank == 0)
+    finally:
+        distributed.teardown()  # a gloo group left alive at exit can abort the interpreter
+
+
+class _Silent:
+    """Standard output of the ranks other than 0: their reports would repeat rank 0's."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _launch(processes: int, argv: list[str]) -> int:
+    """Start ``processes`` workers running this same command (without ``--processes``)."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            rest.append(arg)
+    try:
+        return distributed.launch(processes, rest)
+    except distributed.LaunchError as err:
+        if err.exitcode in (1, 2):  # a worker's own one-line error is already on stderr
+            return err.exitcode
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _run_command(args, report: bool) -> int:
+    """Run the parsed command; errors become one line on stderr (from rank 0 alone) and an exit status."""
+    def error(text: str, status: int) -> int:
+        if report:
+            print(f"error: {text}", file=sys.stderr)
+        return status
+
     try:
         return COMMANDS[args.command](args)
     except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return error(str(err), 1)
     except (MemoryError, RuntimeError) as err:
         text = first_line(err)
+        if distributed.peer_failure(err):
+            return error(f"another process of this job failed or stopped ({text[:200]}); this one stops too", 1)
         if not isinstance(err, MemoryError) and "memory" not in text.lower():
             raise
-        print(f"error: out of memory ({text[:200]}); use fewer --particles, a smaller --batch-size or --count",
-              file=sys.stderr)
-        return 1
+        return error(f"out of memory ({text[:200]}); use fewer --particles, a smaller --batch-size or --count", 1)
     except (DataError, ConfigError, TraceError, CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return error(str(err), 2)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import torch
 from ppl_genmodels.data import DataOptions, Dataset, load_dataset
 from ppl_genmodels.inference.objectives import KL_WEIGHTED, OBJECTIVES, ObjectiveNames, parse_objective
 from ppl_genmodels.models import REGISTRY
-from ppl_genmodels.programs import Program
+from ppl_genmodels.programs import PRECISIONS, Program
 from ppl_genmodels.traces import TraceError, first_line
 
 __all__ = [
@@ -162,6 +162,15 @@ class RunConfig:
                                          "follow --seed (e.g. replicates over --seed on one split)")
     device: str = option("auto", "auto (CUDA when available), cpu, cuda, cuda:N", resumable=True)
     eval_k: int = option(100, "particles of the IWAE-k test estimate after training")
+    precision: str = option("fp32", "precision of the networks: bf16 runs them under torch.autocast, with "
+                                    "log-densities, log-sum-exp and accumulators kept in float32",
+                            choices=PRECISIONS, resumable=True)
+    compile: bool = option(False, "compile the model's networks with torch.compile (Pyro's handlers stay eager); "
+                                  "falls back to eager with a warning where compiling fails", resumable=True)
+    processes: int = option(1, "processes that trained the run (the latest start or resume): under torchrun, "
+                               "each took batch_size datapoints of every global batch", cli=False, resumable=True)
+    global_batch_size: int | None = option(None, "datapoints per optimizer step over all processes "
+                                                 "(batch_size x processes)", cli=False, resumable=True)
 
     @staticmethod
     def names() -> list[str]:
@@ -208,6 +217,8 @@ class RunConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"model argument {key} must be a finite number, got {value}")
         checks = [
+            (self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose one of "
+                                           f"{', '.join(PRECISIONS)}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),

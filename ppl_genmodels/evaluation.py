@@ -24,6 +24,31 @@ evaluated points, which includes the Monte Carlo noise.
 2-D points, which draws the learned density of a model trained on a 2-D
 manifold (:func:`ppl_genmodels.plots.plot_run` shows it).
 
+Random streams. Every Monte Carlo draw for the datapoint at position i of the
+evaluated ones (0 .. n-1, the same in every process) comes from its own stream
+``Streams(seed, i, "evaluate/<estimator>")`` (:mod:`ppl_genmodels.streams`; an elbo
+and an iwae of the same K share ``evaluate/iwae<K>``), and every vectorized pass
+holds a multiple of :data:`~ppl_genmodels.inference.importance.PAD` datapoints with
+particles in chunks that depend on K alone (see :mod:`ppl_genmodels.inference.importance`).
+So a datapoint's estimates are the same bits whatever ``batch_size`` and however
+many processes share the work (measured on the CPU; on CUDA the kernels a matrix
+product uses may change with its size). ``bdmc_run`` simulates datapoint i from
+``Streams(seed, i, "bdmc/simulate")``.
+
+Several processes. Started by ``torchrun`` (or ``--processes``), each process
+evaluates its contiguous block of the datapoints (:func:`ppl_genmodels.distributed.shard`),
+rank 0 gathers the per-datapoint values, builds the tables and writes the files, and
+every process returns the same tables. ``seconds`` in a summary is then the slowest
+process's time for that estimator.
+
+Memory. On the CPU a pass holds about :data:`~ppl_genmodels.inference.importance.ROWS_PER_PASS`
+particle rows. On CUDA the rows per pass come from the free device memory
+(``torch.cuda.mem_get_info``): :data:`MEMORY_FRACTION` of it, divided by the bytes
+one particle row took in a probe pass of ``PAD`` datapoints x :data:`PROBE_PARTICLES`
+particles (the peak of ``torch.cuda.max_memory_allocated``); an AIS row, which keeps
+the graph of both densities for its gradient, counts as :data:`AIS_ROW_COST` rows.
+That changes only how many datapoints share a pass, never the results.
+
 Tables are built from the estimators' results by :mod:`ppl_genmodels.tables`
 and written by the run (:meth:`~ppl_genmodels.runs.Run.write_result_set`): each
 call into its own result set, ``RUN_DIR/evaluation/<name>/`` or ``RUN_DIR/bdmc/<name>/``,
@@ -35,6 +60,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,11 +70,13 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from ppl_genmodels import tables
+from ppl_genmodels import distributed, tables
 from ppl_genmodels.data import Split
 from ppl_genmodels.inference import ais as ais_module
-from ppl_genmodels.inference.importance import ROWS_PER_PASS, Estimate, batched_estimates
+from ppl_genmodels.inference.importance import (PAD, ROWS_PER_PASS, Estimate, batched_estimates, padded_passes,
+                                                pass_size)
 from ppl_genmodels.runs import as_run, writer
+from ppl_genmodels.streams import Streams
 from ppl_genmodels.traces import (DATA_PLATE, PARTICLE_PLATE, PROPOSALS, STARTS, log_mean_exp, log_weights,
                                   max_plate_nesting, plate_dims, seeded_from)
 
@@ -65,7 +93,15 @@ __all__ = [
     "active_units",
 ]
 
-_AIS_ROWS = 16_384       # chains x datapoints per AIS batch (each HMC step back-propagates through them)
+#: chains x datapoints per AIS batch (each HMC step back-propagates through them); on a 2-core CPU, AIS on the
+#: MNIST VAE 784-400-50 with 16 chains took 7.2 ms a datapoint in batches of 4096 rows, 7.8 in batches of 8192
+_AIS_ROWS = 4_096
+#: the share of the free CUDA memory that one evaluation pass may fill
+MEMORY_FRACTION = 0.5
+#: particles per datapoint of the probe pass that measures the memory of one particle row (CUDA)
+PROBE_PARTICLES = 64
+#: what one AIS row (a chain of a datapoint, its graph kept for the gradient) costs in importance rows
+AIS_ROW_COST = 4
 
 DEFAULT_ESTIMATORS = "elbo,iwae:100"
 DEFAULT_PARTICLES = 100
@@ -151,40 +187,107 @@ def _check_positive(**values) -> None:
             raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def _importance_columns(model, part, total, k, want_elbo, *, batch_size, proposal, progress, split):
+@dataclass
+class _Points:
+    """The datapoints this process evaluates: positions ``start .. start + len - 1`` of the evaluated ones."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+    start: int
+    seed: int
+    purpose: str = "evaluate"
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def streams(self, name: str) -> Streams:
+        """Each datapoint's stream for the estimator ``name``, keyed by its position among the evaluated ones."""
+        index = torch.arange(self.start, self.start + len(self), device=self.x.device)
+        return Streams(self.seed, index, f"{self.purpose}/{name}", device=self.x.device)
+
+    def passes(self, size: int):
+        """``(x, y, rows, kept)`` of each pass of ``size`` datapoints, padded to a multiple of PAD."""
+        for begin, stop, rows in padded_passes(len(self), size):
+            rows = rows.to(self.x.device)
+            yield self.x[rows], None if self.y is None else self.y[rows], rows, stop - begin
+
+
+def _head(columns: dict[str, np.ndarray], kept: int) -> dict[str, np.ndarray]:
+    """The first ``kept`` rows of a padded pass's columns."""
+    return {key: value[:kept] for key, value in columns.items()}
+
+
+def _warn_inexact(streams: Streams, what: str) -> None:
+    if not streams.exact:
+        warnings.warn(f"{what}: some draws could not come from the datapoints' own streams (a random function the "
+                      "streams do not route, e.g. torch.multinomial for a discrete latent); these estimates depend "
+                      "on the batch layout and the number of processes", RuntimeWarning, stacklevel=3)
+
+
+@torch.no_grad()
+def _device_rows(program, x: torch.Tensor, y: torch.Tensor | None) -> int | None:
+    """Particle rows per importance pass: None (``ROWS_PER_PASS``) off CUDA; on CUDA what the free memory holds.
+
+    :data:`MEMORY_FRACTION` of ``torch.cuda.mem_get_info()``'s free memory, divided by the bytes
+    per particle row measured on one probe pass of PAD datapoints x :data:`PROBE_PARTICLES` particles
+    (its peak allocation); never fewer than ``ROWS_PER_PASS``.
+    """
+    if x.device.type != "cuda" or x.shape[0] == 0:
+        return None
+    rows = torch.arange(PAD, device=x.device).clamp_max(x.shape[0] - 1)
+    torch.cuda.synchronize(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
+    before = torch.cuda.memory_allocated(x.device)
+    log_weights(program.model, program.guide, x[rows], None if y is None else y[rows], num_particles=PROBE_PARTICLES)
+    per_row = max(1, torch.cuda.max_memory_allocated(x.device) - before) / (PAD * PROBE_PARTICLES)
+    free, _ = torch.cuda.mem_get_info(x.device)
+    return max(ROWS_PER_PASS, int(MEMORY_FRACTION * free / per_row))
+
+
+def _ais_rows(rows: int | None) -> int:
+    """Chain rows per AIS pass: ``_AIS_ROWS`` on the CPU, more when a device holds more importance rows."""
+    return _AIS_ROWS if rows is None else max(_AIS_ROWS, rows // AIS_ROW_COST)
+
+
+def _importance_columns(model, points: _Points, k, want_elbo, *, batch_size, rows, proposal, progress, split):
     """ELBO and IWAE-k columns, by estimator name, from one stream of k particles per datapoint; and seconds."""
     label = ("elbo, " if want_elbo else "") + f"iwae{k}"
-    x, y = part.x[:total], None if part.y is None else part.y[:total]
-    elbo, iwae = batched_estimates(model.model, model.guide, x, y, k=k, batch_size=batch_size, proposal=proposal,
-                                   progress=progress, desc=f"{label} ({split})")
+    streams = points.streams(f"iwae{k}")
+    elbo, iwae = batched_estimates(model.model, model.guide, points.x, points.y, k=k, batch_size=batch_size,
+                                   rows_per_pass=rows, proposal=proposal, progress=progress,
+                                   desc=f"{label} ({split})", generator=streams)
+    _warn_inexact(streams, label)
     return {"elbo": tables.columns(elbo, "elbo"), f"iwae{k}": tables.columns(iwae, f"iwae{k}")}, elbo.seconds
 
 
 @torch.no_grad()
-def _exact_columns(model, part, total, *, batch_size, progress, split):
-    batch = batch_size or min(total, ROWS_PER_PASS)
+def _exact_columns(model, points: _Points, *, batch_size, rows, progress, split):
+    size = pass_size(1, rows_per_pass=rows, batch_size=batch_size)
     parts, seconds = [], 0.0
-    with tqdm(total=total, desc=f"exact ({split})", unit="pt", disable=not progress, leave=False) as bar:
-        for x, y in _batches(part, total, batch):
+    with tqdm(total=len(points), desc=f"exact ({split})", unit="pt", disable=not progress, leave=False) as bar:
+        for x, y, _, kept in points.passes(size):
             began = time.perf_counter()
             value = model.exact_log_marginal(x) if y is None else model.exact_log_marginal(x, y)
             seconds += time.perf_counter() - began
-            parts.append(tables.columns(Estimate("exact", value, torch.zeros_like(value)), "exact"))
-            bar.update(x.shape[0])
+            parts.append(_head(tables.columns(Estimate("exact", value, torch.zeros_like(value)), "exact"), kept))
+            bar.update(kept)
     return tables.concat(parts), seconds
 
 
-def _ais_columns(model, part, total, steps, *, chains, start, batch_size, progress, split):
-    batch = batch_size or max(1, min(total, _AIS_ROWS // chains))
+def _ais_columns(model, points: _Points, steps, *, chains, start, batch_size, rows, progress, split):
+    size = pass_size(chains, rows_per_pass=_ais_rows(rows), batch_size=batch_size)
     name, parts, seconds = f"ais{steps}", [], 0.0
-    with tqdm(total=total, desc=f"{name} ({split})", unit="pt", disable=not progress, leave=False) as bar:
-        for x, y in _batches(part, total, batch):
+    streams = points.streams(name)
+    with tqdm(total=len(points), desc=f"{name} ({split})", unit="pt", disable=not progress, leave=False) as bar:
+        for x, y, index, kept in points.passes(size):
+            generator = streams.subset(index)
             with torch.enable_grad():
                 result = ais_module.ais(model.model, model.guide, x, y, num_steps=steps, num_chains=chains,
-                                        start=start, progress=progress)
+                                        start=start, generator=generator, progress=progress)
+            _warn_inexact(generator, name)
             seconds += result.seconds
-            parts.append(tables.columns(result, name))
-            bar.update(x.shape[0])
+            parts.append(_head(tables.columns(result, name), kept))
+            bar.update(kept)
     return tables.concat(parts), seconds
 
 
@@ -205,27 +308,36 @@ def _resolve_estimators(model, estimators, k) -> list[EstimatorSpec]:
     return specs
 
 
-def _estimate(model, part, total, specs, *, batch_size, chains, ais_start, proposal, progress, split):
+def _estimate(model, points: _Points, specs, *, batch_size, chains, ais_start, proposal, progress, split):
     """Each estimator's per-datapoint columns and seconds, by name; an elbo and an iwae of the same K share a pass."""
     columns: dict[str, dict[str, np.ndarray]] = {}
     seconds: dict[str, float] = {}
-    common = dict(batch_size=batch_size, progress=progress, split=split)
+    if len(points) == 0:  # an empty shard: nothing to compute, but the collectives still need this process
+        return columns, seconds
+    common = dict(batch_size=batch_size, rows=_device_rows(model, points.x, points.y), progress=progress, split=split)
     for spec in specs:
         if spec.name in seconds:
             continue
         if spec.kind in ("elbo", "iwae"):
             members = [s for s in specs if s.kind in ("elbo", "iwae") and s.size == spec.size]
             want_elbo = any(m.kind == "elbo" for m in members)
-            cols, took = _importance_columns(model, part, total, spec.size, want_elbo, proposal=proposal, **common)
+            cols, took = _importance_columns(model, points, spec.size, want_elbo, proposal=proposal, **common)
             for member in members:
                 columns[member.name] = cols["elbo" if member.kind == "elbo" else member.name]
                 seconds[member.name] = took
         elif spec.kind == "exact":
-            columns["exact"], seconds["exact"] = _exact_columns(model, part, total, **common)
+            columns["exact"], seconds["exact"] = _exact_columns(model, points, **common)
         else:
-            columns[spec.name], seconds[spec.name] = _ais_columns(model, part, total, spec.size, chains=chains,
+            columns[spec.name], seconds[spec.name] = _ais_columns(model, points, spec.size, chains=chains,
                                                                   start=ais_start, **common)
     return columns, seconds
+
+
+def _merge(parts: list) -> tuple[list, dict[str, float]]:
+    """The ``columns`` of every process that had datapoints, in rank order (which is datapoint order), and
+    per estimator the slowest process's seconds."""
+    parts = [(columns, seconds) for columns, seconds in parts if seconds]
+    return [c for c, _ in parts], {name: max(s[name] for _, s in parts) for name in parts[0][1]}
 
 
 def evaluation_name(*, estimators=None, k: int | None = None, split: str = "test", n: int | None = None,
@@ -251,7 +363,7 @@ def evaluation_name(*, estimators=None, k: int | None = None, split: str = "test
 @writer("evaluate")
 def evaluate_run(run, *, estimators=None, k: int | None = None, split: str = "test", n: int | None = None,
                  batch_size: int | None = None, chains: int = 16, ais_start: str = "prior", proposal: str = "guide",
-                 progress: bool = True, save: bool = True,
+                 seed: int = 0, progress: bool = True, save: bool = True,
                  name: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Estimate log p(x) per datapoint of ``split`` with each estimator; returns ``(summary, per_datapoint)``.
 
@@ -261,10 +373,12 @@ def evaluate_run(run, *, estimators=None, k: int | None = None, split: str = "te
             default ``"elbo,iwae:100"``. ``exact`` is added when the model has ``exact_log_marginal``.
         k: shorthand for ``estimators=f"elbo,iwae:{k}"`` (not with ``estimators``).
         split, n: the split and how many of its first datapoints (default all).
-        batch_size: datapoints per pass (default: sized to bound memory).
+        batch_size: datapoints per pass (default: sized to bound memory), rounded up to a multiple of
+            ``PAD`` (32); the results do not depend on it.
         chains, ais_start: AIS chains per datapoint and initial distribution (``prior`` or ``guide``).
         proposal: for elbo/iwae, ``guide``, ``prior`` or ``mixture`` (see ``traces.log_weights``).
-        progress: tqdm bars while estimating; save: write the CSVs.
+        seed: the seed of every datapoint's random streams (see the module docstring).
+        progress: tqdm bars while estimating (rank 0's); save: write the CSVs.
         name: the result set's name (letters, digits, ``-``, ``_``, ``.``); one that exists is
             refused. Default: :func:`evaluation_name` of the options, with ``-2``, ``-3``, ...
             appended when a set of that name exists.
@@ -272,11 +386,14 @@ def evaluate_run(run, *, estimators=None, k: int | None = None, split: str = "te
     ``per_datapoint`` has ``index`` (row in the split's source), then per estimator
     ``<name>`` and ``<name>_se`` (Monte Carlo standard error), ``<name>_ess`` for iwae and
     ais, ``<name>_accept`` (mean HMC acceptance) for ais. ``summary`` has one row per
-    estimator: ``estimator, mean, stderr, n, seconds`` (stderr: sd over datapoints / sqrt(n)).
+    estimator: ``estimator, mean, stderr, n, seconds`` (stderr: sd over datapoints / sqrt(n);
+    seconds: the estimator's time, the slowest process's in a multi-process job).
     An elbo and an iwae with the same K share their particles (and their seconds).
     When ``save``, writes ``summary.csv`` and ``per_datapoint.csv`` into the new result set
     ``RUN_DIR/evaluation/<name>/`` and adds its row to ``RUN_DIR/results.csv``; earlier
     sets are kept. Every argument (the name included) is checked before any estimate is made.
+    Under ``torchrun`` each process evaluates its block of the datapoints; rank 0 writes, and
+    every process returns the same tables.
     """
     began = time.perf_counter()
     default_name = evaluation_name(estimators=estimators, k=k, split=split, n=n, ais_start=ais_start,
@@ -287,6 +404,7 @@ def evaluate_run(run, *, estimators=None, k: int | None = None, split: str = "te
     if proposal not in PROPOSALS:
         raise ValueError(f"unknown proposal {proposal!r}; expected one of {', '.join(PROPOSALS)}")
     run = as_run(run)
+    distributed.setup(run.device)
     model = run.program
     model.eval()
     specs = _resolve_estimators(model, estimators, k)
@@ -295,39 +413,57 @@ def evaluate_run(run, *, estimators=None, k: int | None = None, split: str = "te
     if total < 1:
         raise ValueError(f"nothing to evaluate: split {split!r} has {len(part.x)} datapoints")
     if save:
-        name = run.new_result_name("evaluation", name, default=default_name)
-    columns, seconds = _estimate(model, part, total, specs, batch_size=batch_size, chains=chains,
-                                 ais_start=ais_start, proposal=proposal, progress=progress, split=split)
-    per_datapoint = pd.DataFrame({"index": part.index[:total].cpu().numpy(),
-                                  **{name: value for spec in specs for name, value in columns[spec.name].items()}})
-    summary = pd.DataFrame([tables.summary_row(s.name, columns[s.name][s.name], seconds[s.name]) for s in specs],
-                           columns=tables.SUMMARY_COLUMNS)
-    if save:
-        options = dict(estimators=[s.kind if s.size is None else f"{s.kind}:{s.size}" for s in specs], split=split,
-                       n=n, batch_size=batch_size, chains=chains, ais_start=ais_start, proposal=proposal)
-        run.write_result_set("evaluation", name, {"summary.csv": summary, "per_datapoint.csv": per_datapoint},
-                             seconds=time.perf_counter() - began, options=options)
-    return summary, per_datapoint
+        name = distributed.agree(lambda: run.new_result_name("evaluation", name, default=default_name))
+    start, stop = distributed.shard(total)
+    points = _Points(part.x[start:stop], None if part.y is None else part.y[start:stop], start, int(seed))
+    parts = distributed.gather(_estimate(model, points, specs, batch_size=batch_size, chains=chains,
+                                         ais_start=ais_start, proposal=proposal,
+                                         progress=progress and distributed.is_main(), split=split))
+
+    def finish():  # rank 0: the tables of every datapoint, written once
+        pieces, seconds = _merge(parts)
+        columns = {s.name: tables.concat([piece[s.name] for piece in pieces]) for s in specs}
+        per_datapoint = pd.DataFrame({"index": part.index[:total].cpu().numpy(),
+                                      **{key: value for s in specs for key, value in columns[s.name].items()}})
+        summary = pd.DataFrame([tables.summary_row(s.name, columns[s.name][s.name], seconds[s.name])
+                                for s in specs], columns=tables.SUMMARY_COLUMNS)
+        if save:
+            options = dict(estimators=[s.kind if s.size is None else f"{s.kind}:{s.size}" for s in specs],
+                           split=split, n=n, batch_size=batch_size, chains=chains, ais_start=ais_start,
+                           proposal=proposal, seed=int(seed))
+            run.write_result_set("evaluation", name, {"summary.csv": summary, "per_datapoint.csv": per_datapoint},
+                                 seconds=time.perf_counter() - began, options=options)
+        return summary, per_datapoint
+
+    return distributed.agree(finish)
 
 
 evaluate = evaluate_run
 
 
-def _take(value: torch.Tensor, start: int, stop: int, n: int) -> torch.Tensor:
-    """Rows ``start:stop`` of a per-datapoint tensor ``[n, ...]`` (a broadcast one stays whole)."""
-    return value[start:stop] if value.dim() > 0 and value.shape[0] == n else value
+def _take(value: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """The rows ``rows`` of a per-datapoint tensor ``[n, ...]`` (a broadcast one stays whole)."""
+    return value[rows.to(value.device)] if value.dim() > 0 and value.shape[0] == n else value
 
 
-def _simulate(run, n: int):
-    """``(x, latents, y)``: ``n`` datapoints drawn from the run's model (given the first n test y's, if any)."""
+def _simulate(run, n: int, seed: int):
+    """``(x, latents, y)``: ``n`` datapoints drawn from the run's model (given the first n test y's, if any).
+
+    Datapoint i is drawn from its own stream ``Streams(seed, i, "bdmc/simulate")``, in one pass
+    padded to a multiple of PAD, so every process simulates the same datapoints.
+    """
     test = run.data.test
     y = None
     if test.y is not None:
         n = min(n, len(test.y))
         y = test.y[:n]
-    template = test.x.new_zeros((n,) + tuple(test.x.shape[1:]))
-    x, latents = ais_module.simulate(run.program.model, template, y)
-    return x, latents, y
+    (_, _, rows), = padded_passes(n, n)
+    rows = rows.to(test.x.device)
+    template = test.x.new_zeros((len(rows),) + tuple(test.x.shape[1:]))
+    streams = Streams(seed, rows, "bdmc/simulate", device=test.x.device)
+    x, latents = ais_module.simulate(run.program.model, template, None if y is None else y[rows], generator=streams)
+    _warn_inexact(streams, "bdmc's simulation")
+    return x[:n], {key: _take(value, torch.arange(n), len(rows)) for key, value in latents.items()}, y
 
 
 def bdmc_name(*, n: int = 100, num_steps: int = 1000, chains: int = 16) -> str:
@@ -335,9 +471,35 @@ def bdmc_name(*, n: int = 100, num_steps: int = 1000, chains: int = 16) -> str:
     return f"n{n}-steps{num_steps}-chains{chains}"
 
 
+def _bdmc_columns(run, points: _Points, latents: dict, n: int, *, num_steps, chains, batch_size, progress):
+    """Forward and reverse AIS columns (``lower``, ``upper`` and their ``_se``) and seconds of this process's points."""
+    if len(points) == 0:
+        return {}, {}
+    size = pass_size(chains, rows_per_pass=_ais_rows(_device_rows(run.program, points.x, points.y)),
+                     batch_size=batch_size)
+    streams = points.streams("ais")
+    parts, seconds = [], {"lower": 0.0, "upper": 0.0}
+    began = time.perf_counter()
+    with tqdm(total=len(points), desc=f"bdmc ({num_steps} steps)", unit="pt", disable=not progress,
+              leave=False) as bar:
+        for x, y, rows, kept in points.passes(size):
+            with torch.enable_grad():
+                forward, reverse = ais_module.bdmc(
+                    run.program.model, run.program.guide, x,
+                    {key: _take(value, rows + points.start, n) for key, value in latents.items()}, y,
+                    num_steps=num_steps, num_chains=chains, generator=streams.subset(rows), progress=progress)
+            parts.append(_head({**tables.value_columns(forward, "lower"), **tables.value_columns(reverse, "upper")},
+                               kept))
+            seconds["lower"] += forward.seconds
+            seconds["upper"] += reverse.seconds
+            bar.update(kept)
+    seconds["gap"] = time.perf_counter() - began
+    return tables.concat(parts), seconds
+
+
 @writer("bdmc")
 def bdmc_run(run, *, n: int = 100, num_steps: int = 1000, chains: int = 16, batch_size: int | None = None,
-             progress: bool = True, save: bool = True,
+             seed: int = 0, progress: bool = True, save: bool = True,
              name: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Bidirectional Monte Carlo on ``n`` datapoints simulated from the run's model.
 
@@ -347,48 +509,47 @@ def bdmc_run(run, *, n: int = 100, num_steps: int = 1000, chains: int = 16, batc
     Adams 2015), each with ``num_steps`` steps and ``chains`` chains. The gap
     upper - lower bounds the error of AIS with that schedule on data like these.
     A conditional run simulates x given the first n y's of its test split (so
-    n is at most the size of that split).
+    n is at most the size of that split). ``seed``: of the per-datapoint streams of the
+    simulation (``bdmc/simulate``) and of AIS (``bdmc/ais``).
 
     Returns ``(summary, per_datapoint)``: per_datapoint has ``index`` (0..n-1), ``lower``,
     ``lower_se``, ``upper``, ``upper_se``, ``gap``; summary one row each for lower,
-    upper and gap (``estimator, mean, stderr, n, seconds``). When ``save``, writes
-    ``summary.csv`` and ``per_datapoint.csv`` into the new result set ``RUN_DIR/bdmc/<name>/``
-    and adds its row to ``RUN_DIR/results.csv``. ``name`` as for :func:`evaluate_run`
-    (default :func:`bdmc_name`, made unique; a given name that exists is refused before any work).
+    upper and gap (``estimator, mean, stderr, n, seconds``; seconds the slowest process's).
+    When ``save``, writes ``summary.csv`` and ``per_datapoint.csv`` into the new result set
+    ``RUN_DIR/bdmc/<name>/`` and adds its row to ``RUN_DIR/results.csv``. ``name`` as for
+    :func:`evaluate_run` (default :func:`bdmc_name`, made unique; a given name that exists is
+    refused before any work). Under ``torchrun`` every process simulates the same n datapoints
+    and runs AIS on its block of them; rank 0 writes, and every process returns the same tables.
     """
     began = time.perf_counter()
     _check_positive(n=n, num_steps=num_steps, chains=chains, batch_size=batch_size)
     run = as_run(run)
+    distributed.setup(run.device)
     if save:
-        name = run.new_result_name("bdmc", name, default=bdmc_name(n=n, num_steps=num_steps, chains=chains))
+        name = distributed.agree(lambda: run.new_result_name("bdmc", name, default=bdmc_name(
+            n=n, num_steps=num_steps, chains=chains)))
     run.program.eval()
-    x, latents, y = _simulate(run, n)
+    x, latents, y = _simulate(run, n, int(seed))
     n = x.shape[0]
-    batch = batch_size or max(1, min(n, _AIS_ROWS // chains))
-    parts, seconds = [], {"lower": 0.0, "upper": 0.0}
-    began = time.perf_counter()
-    with tqdm(total=n, desc=f"bdmc ({num_steps} steps)", unit="pt", disable=not progress, leave=False) as bar:
-        for start in range(0, n, batch):
-            stop = min(n, start + batch)
-            with torch.enable_grad():
-                forward, reverse = ais_module.bdmc(
-                    run.program.model, run.program.guide, x[start:stop],
-                    {name: _take(value, start, stop, n) for name, value in latents.items()},
-                    None if y is None else y[start:stop], num_steps=num_steps, num_chains=chains, progress=progress)
-            parts.append({**tables.value_columns(forward, "lower"), **tables.value_columns(reverse, "upper")})
-            seconds["lower"] += forward.seconds
-            seconds["upper"] += reverse.seconds
-            bar.update(stop - start)
-    seconds["gap"] = time.perf_counter() - began
-    per_datapoint = pd.DataFrame({"index": np.arange(n), **tables.concat(parts)})
-    per_datapoint["gap"] = per_datapoint["upper"] - per_datapoint["lower"]
-    summary = pd.DataFrame([tables.summary_row(name, per_datapoint[name].to_numpy(), seconds[name])
-                            for name in ("lower", "upper", "gap")], columns=tables.SUMMARY_COLUMNS)
-    if save:
-        run.write_result_set("bdmc", name, {"summary.csv": summary, "per_datapoint.csv": per_datapoint},
-                             seconds=time.perf_counter() - began,
-                             options=dict(n=n, num_steps=num_steps, chains=chains, batch_size=batch_size))
-    return summary, per_datapoint
+    start, stop = distributed.shard(n)
+    points = _Points(x[start:stop], None if y is None else y[start:stop], start, int(seed), purpose="bdmc")
+    parts = distributed.gather(_bdmc_columns(run, points, latents, n, num_steps=num_steps, chains=chains,
+                                             batch_size=batch_size, progress=progress and distributed.is_main()))
+
+    def finish():  # rank 0: the tables of every datapoint, written once
+        pieces, seconds = _merge(parts)
+        per_datapoint = pd.DataFrame({"index": np.arange(n), **tables.concat(pieces)})
+        per_datapoint["gap"] = per_datapoint["upper"] - per_datapoint["lower"]
+        summary = pd.DataFrame([tables.summary_row(key, per_datapoint[key].to_numpy(), seconds[key])
+                                for key in ("lower", "upper", "gap")], columns=tables.SUMMARY_COLUMNS)
+        if save:
+            run.write_result_set("bdmc", name, {"summary.csv": summary, "per_datapoint.csv": per_datapoint},
+                                 seconds=time.perf_counter() - began,
+                                 options=dict(n=n, num_steps=num_steps, chains=chains, batch_size=batch_size,
+                                              seed=int(seed)))
+        return summary, per_datapoint
+
+    return distributed.agree(finish)
 
 
 @torch.no_grad()

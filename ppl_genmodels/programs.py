@@ -27,6 +27,26 @@ the pair once before training, so every ``pyro.param`` the first calls create
 exists when the optimizer is built; one that appears only on some later call (a
 branch the first datapoints never take) is adopted then, but the optimizer
 built at the start does not update it.
+
+:meth:`Program.accelerate` runs the program's *networks* in bfloat16 and/or
+compiled, and leaves everything Pyro does as it was. The networks are found
+from the user's module down: each immediate child module with parameters is a
+candidate (a child whose class has no ``forward`` of its own, an
+``nn.ModuleList`` or ``nn.ModuleDict``, is looked through to its own children).
+A candidate's first call runs as it always did, in float32, and decides what it
+is: a call that returned tensors only (or tuples, lists, dicts of them) and made
+no ``pyro.sample`` statement marks a *network*; anything else (a head that
+returns a distribution, a module that samples) marks a container, which keeps
+running as written while its own children become candidates. From its next call
+on, a network runs under ``torch.autocast(device_type, dtype=torch.bfloat16)``
+(the autocast lists of PyTorch decide which of its operations run in bfloat16:
+https://pytorch.org/docs/stable/amp.html) and its floating outputs are cast back
+to its parameters' dtype, so every distribution, log-density, log-sum-exp and
+accumulator outside the networks stays float32; compiled, its ``forward`` is
+replaced by ``torch.compile`` of it, Pyro's handlers stay eager. Parameters the
+program uses outside a network (``pyro.param`` values, a module's own
+``nn.Parameter``\\ s, as in PPCA) stay float32; a network's layers called one by
+one from outside it (``MLP.features``) run as written.
 """
 
 from __future__ import annotations
@@ -40,13 +60,17 @@ from typing import Callable
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.messenger import Messenger
 from torch import nn
 
 from ppl_genmodels.traces import TraceError, first_line, log_weights, max_plate_nesting
 
-__all__ = ["Convention", "convention", "Program"]
+__all__ = ["Convention", "convention", "Program", "PRECISIONS"]
 
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+#: the precisions a program's networks run in (``Program.accelerate``, ``--precision``)
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -132,6 +156,7 @@ class Program(nn.Module):
                             for m in ("model", "guide")}
         self._store = {"params": {}, "constraints": {}}
         self._keys: dict[str, str | None] = {}  # store name -> key in pyro_params (None: the module's own)
+        self._acceleration = {"precision": "fp32", "compile": False}
 
     def __getattr__(self, name: str):
         """The module's own attributes (``exact_log_marginal``, ``z_dim``, ...) read through the program."""
@@ -147,6 +172,44 @@ class Program(nn.Module):
     def conditioned(self) -> bool:
         """Whether the model takes a conditioning argument."""
         return self.conventions["model"].condition is not None or self.conventions["model"].positional
+
+    @property
+    def acceleration(self) -> dict:
+        """The settings of :meth:`accelerate` in force: ``{"precision": ..., "compile": ...}``."""
+        return dict(self._acceleration)
+
+    def accelerate(self, *, precision: str = "fp32", compile: bool = False) -> "Program":
+        """Run the program's networks in ``precision`` (``"fp32"`` or ``"bf16"``), compiled or not; returns self.
+
+        The networks, how their first call finds them and what runs in bfloat16 are
+        described in the module docstring. Each call replaces the previous settings
+        (the networks are found afresh); ``accelerate()`` gives back the program as
+        it was built. Only the networks' ``forward`` changes (an instance attribute,
+        in no ``state_dict``): parameters, :meth:`state`, checkpoints and ``to(device)``
+        are the same whatever the settings, and ``torch.compile`` of a bound
+        ``forward`` adds no ``_orig_mod.`` prefix to any key. Where compiling fails
+        (no C++ compiler, a graph ``torch.compile`` cannot capture), that network
+        runs eagerly from then on, with a warning. A program with no networks is left
+        as it is, with a warning.
+        """
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        compile = bool(compile)
+        if isinstance(self.module, nn.Module):
+            for module in self.module.modules():
+                wrapper = module.__dict__.get("forward")
+                if isinstance(wrapper, _Network):
+                    wrapper.remove()
+        self._acceleration = {"precision": precision, "compile": compile}
+        if precision == "fp32" and not compile:
+            return self
+        networks = _candidates(self.module) if isinstance(self.module, nn.Module) else []
+        if not networks:
+            warnings.warn(f"model {type(self.module).__name__} has no networks (child modules with parameters) "
+                          f"for precision {precision} or compile to act on; it runs as it is")
+        for module in networks:
+            _Network.install(module, precision, compile)
+        return self
 
     def model(self, x, y=None):
         return self._call("model", x, y)
@@ -255,3 +318,130 @@ class Program(nn.Module):
                 raise TraceError(f"the checkpoint holds the Pyro parameter {name!r}, which the model does not create")
             with torch.no_grad():
                 self.pyro_params[key].copy_(value)
+
+
+def _candidates(module: nn.Module) -> list[nn.Module]:
+    """The immediate children of ``module`` that have parameters, looking through those with no ``forward``.
+
+    A child whose class keeps ``nn.Module.forward`` (``nn.ModuleList``, ``nn.ModuleDict``,
+    Pyro's conditional transforms) is never called itself: its own children stand in for it.
+    """
+    found = []
+    for child in module.children():
+        if next(child.parameters(), None) is None:
+            continue
+        if type(child).forward is nn.Module.forward:
+            found += _candidates(child)
+        else:
+            found.append(child)
+    return found
+
+
+class _SampleSpy(Messenger):
+    """Notes whether any ``pyro.sample`` statement ran inside it; changes nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.sampled = False
+
+    def _pyro_sample(self, msg) -> None:
+        self.sampled = True
+
+
+def _tensors_only(out) -> bool:
+    """Whether ``out`` is tensors (or None, numbers), possibly in tuples, lists and dicts."""
+    if out is None or isinstance(out, (torch.Tensor, bool, int, float)):
+        return True
+    if isinstance(out, (tuple, list)):
+        return all(_tensors_only(v) for v in out)
+    if isinstance(out, dict):
+        return all(_tensors_only(v) for v in out.values())
+    return False
+
+
+def _cast_floats(out, dtype: torch.dtype):
+    """``out`` with every half-precision floating tensor in it cast to ``dtype`` (tuples, lists, dicts rebuilt)."""
+    if isinstance(out, torch.Tensor):
+        return out.to(dtype) if out.dtype in (torch.bfloat16, torch.float16) else out
+    if isinstance(out, tuple):
+        items = [_cast_floats(v, dtype) for v in out]
+        return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)  # a named tuple, or a tuple
+    if isinstance(out, list):
+        return type(out)(_cast_floats(v, dtype) for v in out)
+    if isinstance(out, dict):
+        return type(out)((k, _cast_floats(v, dtype)) for k, v in out.items())
+    return out
+
+
+class _Network:
+    """The ``forward`` of one candidate network under :meth:`Program.accelerate`.
+
+    Set as the module's instance attribute ``forward`` (``nn.Module.__call__`` calls
+    it, hooks included), so nothing enters the ``state_dict``. ``kind`` is None until
+    the first call decides it (see the module docstring); a container gives its
+    ``forward`` back and hands the role to its own children. ``compiled``: None
+    until the first compiled call, False once compiling failed.
+    """
+
+    def __init__(self, module: nn.Module, precision: str, compile: bool):
+        self.module, self.precision, self.compile = module, precision, compile
+        self.previous = module.__dict__.get("forward")  # a forward the user set on the instance, if any
+        self.kind: str | None = None
+        self.compiled = None
+
+    @classmethod
+    def install(cls, module: nn.Module, precision: str, compile: bool) -> None:
+        if not isinstance(module.__dict__.get("forward"), cls):
+            module.__dict__["forward"] = cls(module, precision, compile)
+
+    def remove(self) -> None:
+        if self.previous is None:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.__dict__["forward"] = self.previous
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)  # a copy (deepcopy, pickle) compiles its own module again
+        state["compiled"] = None if state["compiled"] is not False else False
+        return state
+
+    def eager(self) -> Callable:
+        """The module's own ``forward``, bound."""
+        return self.previous if self.previous is not None else type(self.module).forward.__get__(self.module)
+
+    def __call__(self, *args, **kwargs):
+        if self.kind is None:
+            return self._first(args, kwargs)
+        if self.precision == "fp32":
+            return self._run(args, kwargs)
+        parameter = next(self.module.parameters())
+        with torch.autocast(parameter.device.type, dtype=torch.bfloat16):
+            out = self._run(args, kwargs)
+        return _cast_floats(out, parameter.dtype)
+
+    def _first(self, args, kwargs):
+        """The first call, as written: it decides whether the module is a network or a container."""
+        with _SampleSpy() as spy:
+            out = self.eager()(*args, **kwargs)
+        if spy.sampled or not _tensors_only(out):
+            self.kind = "container"
+            self.remove()
+            for child in _candidates(self.module):
+                _Network.install(child, self.precision, self.compile)
+        else:
+            self.kind = "network"
+        return out
+
+    def _run(self, args, kwargs):
+        if not self.compile or self.compiled is False:
+            return self.eager()(*args, **kwargs)
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.eager())
+            return self.compiled(*args, **kwargs)
+        except Exception as err:
+            out = self.eager()(*args, **kwargs)  # a network that fails eagerly too raises its own error here
+            self.compiled = False
+            warnings.warn(f"torch.compile failed on {type(self.module).__name__} ({type(err).__name__}: "
+                          f"{first_line(err, '')}); it runs eagerly")
+            return out

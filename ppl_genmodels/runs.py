@@ -46,6 +46,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
+from ppl_genmodels import distributed
 from ppl_genmodels.config import ConfigError, RunConfig, build_model, check_model_file, resolve_device
 from ppl_genmodels.data import Dataset
 from ppl_genmodels.programs import Program
@@ -104,8 +105,11 @@ def atomic_write(path, content: str | bytes | Callable[[Path], None]) -> Path:
     ``content`` is text (written as UTF-8), bytes, or a function that writes the
     file at the temporary path it is given (``torch.save``, ``to_netcdf``). Missing
     parent folders are created. On any failure the temporary file is removed and
-    whatever was at ``path`` before stays as it was.
+    whatever was at ``path`` before stays as it was. In a multi-process job only
+    rank 0 writes: on the other ranks this does nothing.
     """
+    if not distributed.is_main():
+        return Path(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -163,7 +167,8 @@ def locked(path, command: str):
     ends, however it ends (``kill -9`` included), so a lock left by a dead process
     is never in force; a second live process gets :class:`RunLocked` naming the
     holder's PID. The same process may nest the block (``fit`` evaluates its own
-    run). The directory is created if needed.
+    run). The directory is created if needed. In a multi-process job rank 0 holds
+    the lock for all ranks (only rank 0 writes), and every rank gets its error.
     """
     path = Path(path).resolve()
     if path in _held:
@@ -173,6 +178,21 @@ def locked(path, command: str):
         finally:
             _held[path] -= 1
         return
+    fd = distributed.agree(lambda: _acquire(path, command))  # rank 0 locks; every rank learns whether it could
+    if not distributed.is_main():
+        fd = None
+    _held[path] = 1
+    try:
+        yield path
+    finally:
+        del _held[path]
+        if fd is not None:
+            (path / LOCK_FILE).unlink(missing_ok=True)
+            os.close(fd)
+
+
+def _acquire(path: Path, command: str) -> int:
+    """Take the lock of ``path`` for this process (its file descriptor), or raise :class:`RunLocked`."""
     path.mkdir(parents=True, exist_ok=True)
     file = path / LOCK_FILE
     fd = _open_lock(file)
@@ -187,13 +207,7 @@ def locked(path, command: str):
              "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps(owner).encode())
-    _held[path] = 1
-    try:
-        yield path
-    finally:
-        del _held[path]
-        file.unlink(missing_ok=True)
-        os.close(fd)
+    return fd
 
 
 def _leftover(entry: Path) -> bool:
@@ -482,7 +496,7 @@ def load_run(path, *, device: str | None = None, which: str = "best", model=None
                           "load_run(path, model=...)")
     if device is None:  # the training device may be absent here (a CUDA run loaded on a laptop)
         device = config.device if config.device in ("auto", "cpu") or torch.cuda.is_available() else "auto"
-    dev = resolve_device(device)
+    dev = distributed.local_device(resolve_device(device))  # under torchrun: this process's GPU
     dataset = config.load_data().to(dev)
     program = build_model(config, dataset, model).to(dev)
     file = path / (BEST_FILE if which == "best" else CHECKPOINT_FILE)
@@ -496,6 +510,7 @@ def load_run(path, *, device: str | None = None, which: str = "best", model=None
         first = first_line(err)
         raise CheckpointError(f"checkpoint {file} does not fit model {type(program.module).__name__}: {first}") from None
     program.eval()
+    program.accelerate(precision=getattr(config, "precision", "fp32"), compile=getattr(config, "compile", False))
     metrics_file = path / METRICS_FILE
     metrics = pd.read_csv(metrics_file) if metrics_file.is_file() else pd.DataFrame()
     return Run(path, config, program, dataset, metrics, int(payload.get("epoch", 0)), dev)
@@ -515,6 +530,7 @@ def writer(command: str):
             if not save:
                 return fn(run, *args, save=save, **kwargs)
             run = as_run(run)
+            distributed.setup(run.device)  # a no-op in one process; joins the job's process group under torchrun
             with locked(run.path, command):
                 return fn(run, *args, save=save, **kwargs)
 

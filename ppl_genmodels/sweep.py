@@ -70,8 +70,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ppl_genmodels import runs, tables
-from ppl_genmodels.config import ConfigError, RunConfig, build_model
+from ppl_genmodels import distributed, runs, tables
+from ppl_genmodels.config import ConfigError, RunConfig, build_model, resolve_device
 from ppl_genmodels.data import DataOptions
 from ppl_genmodels.evaluation import active_units, evaluate_run, parse_estimators
 from ppl_genmodels.plots import plot_sweep
@@ -396,9 +396,9 @@ def finished_set(path: Path, plan: SweepPlan) -> Path | None:
     return None
 
 
-def _train(cell: Cell, path: Path, progress: bool) -> Run:
+def _train(cell: Cell, path: Path, progress: bool, resume: bool) -> Run:
     """Train the cell (or resume it, when its directory holds a run); returns the run with its best weights."""
-    if (path / runs.CONFIG_FILE).is_file():  # the spec's epochs, patience and device hold for a resumed cell too
+    if resume:  # the spec's epochs, patience and device hold for a resumed cell too
         resumable = {key: value for key, value in cell.options.items() if key in RunConfig.resumable()}
         return fit(out=path, resume=True, progress=progress, evaluate=False, plots=False, **resumable)
     options = dict(cell.options)
@@ -420,7 +420,7 @@ def _evaluate(run: Run, plan: SweepPlan, progress: bool) -> Path:
         options = dict(estimators=list(dict.fromkeys(ladder)), split="test", n=plan.n, chains=plan.chains,
                        ais_start="prior", proposal="guide", active_units_samples=plan.samples, sweep=plan.ladder)
         return run.write_result_set(
-            "evaluation", run.unused_result_name("evaluation", SET_NAME),
+            "evaluation", distributed.agree(lambda: run.unused_result_name("evaluation", SET_NAME)),
             {"summary.csv": summary, "per_datapoint.csv": per_datapoint,
              UNITS_FILE: pd.DataFrame(tables.unit_columns(units), columns=tables.UNIT_COLUMNS)},
             seconds=time.perf_counter() - began, options=options)
@@ -515,21 +515,23 @@ def _run_cell(number: int, cell: Cell, out: Path, plan: SweepPlan, progress: boo
     """Train (or resume), evaluate and describe one cell; None when its training diverged."""
     path = out / cell.name
     where = f"[{number}/{len(plan.cells)}] {cell.name}"
-    folder = finished_set(path, plan) if path.is_dir() else None
+    # decided by rank 0 alone in a multi-process job: the other ranks would see rank 0's writes at random moments
+    folder = distributed.agree(lambda: finished_set(path, plan) if path.is_dir() else None)
     if folder is not None:
-        row = _row(cell, path, folder, plan.weights)
+        row = distributed.agree(lambda: _row(cell, path, folder, plan.weights))
         _say(progress, f"{where}: finished earlier ({_done_line(row, plan)})")
         return row
-    resumed = (path / runs.CONFIG_FILE).is_file()
+    resumed = distributed.agree(lambda: (path / runs.CONFIG_FILE).is_file())
     try:
-        run = _train(cell, path, progress)
+        run = _train(cell, path, progress, resumed)
     except TrainingDiverged as err:
         _say(progress, f"{where}: {err}; left out of the table")
         return None
     if plan.weights == "last":  # the last epoch's weights, as Burda et al. report (no early-stopping choice)
         run.program.load_state(runs.load_checkpoint(path / runs.CHECKPOINT_FILE, map_location=run.device))
         run.program.eval()
-    row = _row(cell, path, _evaluate(run, plan, progress), plan.weights)
+    folder = _evaluate(run, plan, progress)
+    row = distributed.agree(lambda: _row(cell, path, folder, plan.weights))
     _say(progress, f"{where}: {'resumed, ' if resumed else ''}{_done_line(row, plan)}")
     return row
 
@@ -565,7 +567,8 @@ def sweep(spec, out, *, progress: bool = True) -> pd.DataFrame:
     """
     plan = plan_sweep(spec)
     out = Path(out)
-    _check_out(out, plan)
+    distributed.setup(resolve_device(plan.cells[0].options.get("device", "auto")) if plan.cells else None)
+    distributed.agree(lambda: _check_out(out, plan))
     rows, diverged = [], []
     with runs.locked(out, "sweep"):
         runs.atomic_write(out / SPEC_FILE, json.dumps(plan.record(), indent=2) + "\n")
@@ -576,7 +579,7 @@ def sweep(spec, out, *, progress: bool = True) -> pd.DataFrame:
             else:
                 rows.append(row)
             table = _write_table(out, plan, rows)
-        if rows:
+        if rows and distributed.is_main():
             plot_sweep(table, _curves(out, plan, rows), out / "plots")
     table.attrs["diverged"] = diverged
     return table

@@ -48,6 +48,7 @@ __all__ = [
     "first_line",
     "plate_dims",
     "seeded_from",
+    "is_streams",
     "max_plate_nesting",
     "log_weights",
     "log_mean_exp",
@@ -137,16 +138,28 @@ def _site_log_prob(site, particle_dim: int | None, num_particles: int, batch_siz
     return lp.expand(shape)
 
 
+def is_streams(generator) -> bool:
+    """True for per-datapoint random streams (:class:`ppl_genmodels.streams.Streams`), False for a
+    ``torch.Generator`` or None. Known by what they do (``draws``, ``normal``, ``uniform``), not by import."""
+    return generator is not None and not isinstance(generator, torch.Generator) and hasattr(generator, "draws")
+
+
 @contextlib.contextmanager
-def seeded_from(generator: torch.Generator | None):
+def seeded_from(generator):
     """Run Pyro's draws (which use torch's global generator) from a seed drawn from ``generator``.
 
     The global generator's state is saved and restored around the block, so a
     caller's own random stream is untouched. With ``generator=None`` nothing
-    changes: the block draws from the global generator as usual.
+    changes: the block draws from the global generator as usual. Per-datapoint
+    streams (:func:`is_streams`) draw every latent site inside the data plate from
+    each datapoint's own stream instead (``streams.draws()``).
     """
     if generator is None:
         yield
+        return
+    if is_streams(generator):
+        with generator.draws():
+            yield
         return
     seed = int(torch.randint(2**62, (), generator=generator, device=generator.device).item())
     with torch.random.fork_rng():  # every device's global state, since manual_seed reseeds them all
@@ -499,8 +512,9 @@ class LogJoint:
         return log_q + log_jac, log_target
 
     @torch.no_grad()
-    def sample_start(self, chains: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """u ~ r, ``[chains, batch, dim]``; from ``generator`` when given (the global generator is left alone)."""
+    def sample_start(self, chains: int, generator=None) -> torch.Tensor:
+        """u ~ r, ``[chains, batch, dim]``; from ``generator`` when given, a ``torch.Generator`` or per-datapoint
+        streams (the global generator is left alone)."""
         program = _in_particle_plate(self.model if self.start == "prior" else self.guide, chains, self.particle_dim)
         with seeded_from(generator):
             trace = poutine.trace(program).get_trace(self.x, self.y)

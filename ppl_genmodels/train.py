@@ -22,6 +22,7 @@ step touches the parameters: the last good checkpoint stays on disk.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -32,9 +33,10 @@ import numpy as np
 import pandas as pd
 import pyro
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from ppl_genmodels import runs
+from ppl_genmodels import distributed, runs
 from ppl_genmodels.config import (OPTIMIZERS, ConfigError, RunConfig, build_model, check_model_file, file_sha256,
                                   is_instance, model_file, model_spec_string, resolve_device)
 from ppl_genmodels.evaluation import evaluate_run
@@ -42,6 +44,7 @@ from ppl_genmodels.inference.objectives import kl_weight, make_objective
 from ppl_genmodels.plots import plot_run
 from ppl_genmodels.programs import Program
 from ppl_genmodels.runs import Run, load_checkpoint, save_checkpoint, write_csv
+from ppl_genmodels.streams import Streams
 from ppl_genmodels.traces import log_weights, max_plate_nesting
 
 __all__ = ["Trainer", "TrainingDiverged", "fit", "validation_elbo", "rng_state", "set_rng_state"]
@@ -83,40 +86,110 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+#: steps between the checks of the device-side divergence flag (the only host syncs of an epoch)
+SYNC_EVERY = 50
+
+
 @torch.no_grad()
-def validation_elbo(model, dataset, split: str = "val", batch_size: int = 512) -> float:
-    """Single-particle ELBO estimate averaged over the datapoints of ``split`` (nats per datapoint)."""
-    total, count, nesting = 0.0, 0, None
-    for x, y in dataset.batches(split, batch_size):
+def validation_elbo(model, dataset, split: str = "val", batch_size: int = 512, *, seed: int = 0,
+                    purpose: str = "validation") -> float:
+    """Single-particle ELBO estimate averaged over the datapoints of ``split`` (nats per datapoint).
+
+    Each datapoint's particle comes from its own stream (:class:`~ppl_genmodels.streams.Streams`
+    keyed by ``seed``, ``purpose`` and its row in the split), so the value does not depend on the
+    batch size or on how many processes share the work: under torchrun each rank takes a
+    contiguous block of the split and the sums are added over the ranks. Pyro's argument
+    checks are off, so weights gone non-finite give a non-finite value, not an exception.
+    """
+    part = dataset.split(split)
+    start, stop = distributed.shard(len(part))
+    device = part.x.device
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of log w, datapoints]
+    nesting = None
+    for begin in range(start, stop, batch_size):
+        end = min(stop, begin + batch_size)
+        x = part.x[begin:end]
+        y = None if part.y is None else part.y[begin:end]
         if nesting is None:
             nesting = max_plate_nesting(model.model, model.guide, x, y)
-        log_w = log_weights(model.model, model.guide, x, y, num_particles=1, nesting=nesting)  # [1, batch]
-        total += log_w.sum().item()
-        count += x.shape[0]
-    return total / count
+        with Streams(seed, torch.arange(begin, end, device=device), purpose).draws(), pyro.validation_enabled(False):
+            log_w = log_weights(model.model, model.guide, x, y, num_particles=1, nesting=nesting)  # [1, batch]
+        total[0] += log_w.sum().double()
+        total[1] += end - begin
+    total = distributed.all_sum(total)
+    return float(total[0] / total[1])
+
+
+class _Loss(nn.Module):
+    """The objective's loss of a minibatch as a module's output, so that DDP sees one module with the
+    program's parameters (the objective itself holds none)."""
+
+    def __init__(self, program: Program, objective):
+        super().__init__()
+        self.program = program
+        self.objective = objective
+
+    def forward(self, x, y=None):
+        return self.objective.loss(self.program.model, self.program.guide, x, y)
+
+
+def _has_unused(module: nn.Module, x, y) -> bool:
+    """Does one loss on ``(x, y)`` leave some parameter without a gradient? (DDP must then look for them.)"""
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        loss = module(x, y)
+        used = torch.autograd.grad(loss, [p for p in module.parameters() if p.requires_grad], allow_unused=True)
+    return any(g is None for g in used)
+
+
+def _fused(optimizer) -> bool:
+    """True when the optimizer's fused kernel can skip a step on the device (``found_inf``)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        group.get("fused") for group in optimizer.param_groups)
 
 
 class Trainer:
-    """One model, its objective and optimizer; ``step`` is one SVI update on a minibatch."""
+    """One model, its objective and optimizer; ``step`` is one SVI update on a minibatch.
 
-    def __init__(self, model, objective, optimizer):
+    Under torchrun the loss module is wrapped in ``DistributedDataParallel``, which averages
+    the gradients over the ranks. ``step`` never waits for the device: the loss stays a
+    tensor, and a non-finite loss on any rank makes every rank skip the update on the
+    device (the fused optimizers' ``found_inf``; other optimizers check on the host).
+    """
+
+    def __init__(self, model, objective, optimizer, probe=None):
         self.model = model
         self.objective = objective
         self.optimizer = optimizer
         self.validate_next = True  # Pyro's argument checks run on the first step only
+        self.loss_module = _Loss(model, objective)
+        self.ddp = None
+        if distributed.world().distributed:
+            device = next(model.parameters()).device
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.loss_module, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=probe is None or _has_unused(self.loss_module, *probe))
 
-    def step(self, x, y=None) -> float:
-        """One gradient step; returns the minibatch loss summed over datapoints (NaN or inf: no step taken)."""
-        with pyro.validation_enabled(self.validate_next):
-            loss = self.objective.loss(self.model.model, self.model.guide, x, y)
+    def step(self, x, y=None, *, streams: Streams | None = None, scale: float | None = None) -> torch.Tensor:
+        """One gradient step on the loss times ``scale`` (default 1 / batch).
+
+        Returns the minibatch's loss summed over its datapoints (a 0-dim tensor on the device);
+        when it is NaN or infinite on any rank, no parameter changed. ``streams``: the
+        datapoints' random streams (default: torch's global generator).
+        """
+        with pyro.validation_enabled(self.validate_next), (streams.draws() if streams else contextlib.nullcontext()):
+            loss = (self.ddp or self.loss_module)(x, y)
         self.validate_next = False
-        value = loss.item()
-        if not math.isfinite(value):
-            return value
         self.optimizer.zero_grad(set_to_none=True)
-        (loss / x.shape[0]).backward()
-        self.optimizer.step()
-        return value
+        (loss * (1.0 / x.shape[0] if scale is None else scale)).backward()
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.ddp is not None:
+            bad = distributed.all_max(bad)
+        if _fused(self.optimizer):
+            self.optimizer.found_inf = bad
+            self.optimizer.step()
+        elif not bad.item():
+            self.optimizer.step()
+        return loss.detach()
 
 
 @dataclass
@@ -186,17 +259,32 @@ def _start(config: RunConfig, out: Path, model) -> _Training:
 
     The pair is traced once on a few training points, so that contract errors
     surface (and the ``pyro.param`` sites exist for the optimizer) before any work.
+    Every rank of a multi-process job builds the same model from the same seed
+    (and DDP starts them all from rank 0's values).
     """
     pyro.set_rng_seed(config.seed)
     config.validate()
     dataset = config.load_data()
     net = build_model(config, dataset, model)
-    device = resolve_device(config.device)
+    device = distributed.local_device(resolve_device(config.device))
     dataset, net = dataset.to(device), net.to(device)
     nesting = net.check(*dataset.probe())
+    net.accelerate(precision=config.precision, compile=config.compile)  # after the check: it runs as written
     objective = make_objective(config.elbo, config.particles, nesting, detached=net.parameters_detached)
-    trainer = Trainer(net, objective, OPTIMIZERS[config.optimizer](net.parameters(), lr=config.lr))
+    trainer = Trainer(net, objective, _optimizer(config, net.parameters(), device), probe=dataset.probe())
+    here = distributed.world()
+    config.processes, config.global_batch_size = here.size, config.batch_size * here.size
     return _Training(out, config, dataset, net, trainer, device, torch.Generator().manual_seed(config.seed))
+
+
+#: optimizers whose fused kernels skip a step on the device when told a loss was not finite
+_FUSED = ("adam", "adamw", "sgd")
+
+
+def _optimizer(config: RunConfig, parameters, device: torch.device):
+    """The run's optimizer; fused where PyTorch has a fused kernel for it on this device (CPU and CUDA)."""
+    fused = config.optimizer in _FUSED and device.type in ("cpu", "cuda")
+    return OPTIMIZERS[config.optimizer](parameters, lr=config.lr, **({"fused": True} if fused else {}))
 
 
 def _resume(run: _Training) -> None:
@@ -232,23 +320,85 @@ def _kept(run: _Training, last_epoch: int) -> str:
             "(or resumed from epoch 1)")
 
 
+def _binarized(run: _Training, x, y, streams: Streams):
+    """Dynamic binarization of a training batch from the datapoints' own streams (on the data's device)."""
+    if run.dataset.binarize != "dynamic":
+        return x, y
+    draws = streams.child("binarize")
+    x = (draws.uniform(x.shape, data_dim=0, dtype=x.dtype) < x).to(x.dtype)
+    if y is not None and run.dataset.condition == "quadrants":
+        y = (draws.uniform(y.shape, data_dim=0, dtype=y.dtype) < y).to(y.dtype)
+    return x, y
+
+
+def _epoch_batches(run: _Training, epoch: int):
+    """This rank's share of every global minibatch of the epoch: ``(x, y, streams, scale)``.
+
+    One permutation of the training split (the same on every rank) is cut into global
+    batches of ``batch_size`` x processes rows; each rank takes a contiguous share. The
+    loss of a share is scaled by processes / global rows, so that DDP's average over the
+    ranks is the gradient of the mean loss over the global batch, whatever the shares'
+    sizes. A rank whose share of the last batch is empty computes a loss on one row with
+    scale 0, so it still joins the gradient reduction. Random draws come from the
+    datapoints' streams (keyed by the seed, the epoch and the row), so the run sees the
+    same numbers with any number of processes.
+    """
+    part, here = run.dataset.split("train"), distributed.world()
+    size = run.config.batch_size * here.size
+    order = torch.randperm(len(part), generator=run.shuffle).to(part.x.device)  # one host-to-device copy per epoch
+    for begin in range(0, len(part), size):
+        batch = order[begin:begin + size]
+        rows = distributed.split_batch(batch, here)
+        scale = here.size / batch.shape[0]
+        if rows.shape[0] == 0:
+            rows, scale = batch[:1], 0.0
+        streams = Streams(run.config.seed, rows, f"train/{epoch}")
+        x = part.x[rows]
+        y = None if part.y is None else part.y[rows]
+        yield (*_binarized(run, x, y, streams), streams, scale)
+
+
 def _train_epoch(run: _Training, epoch: int, last_epoch: int, bar) -> float:
-    """One pass over the shuffled training batches; returns the mean training ELBO per datapoint."""
+    """One pass over the shuffled training batches; returns the mean training ELBO per datapoint.
+
+    The losses are summed on the device; the host looks at them every ``SYNC_EVERY`` steps
+    and at the end of the epoch, when a non-finite loss (whose update every rank skipped)
+    stops the run before anything of this epoch is written.
+    """
     run.net.train()
     if hasattr(run.trainer.objective, "kl_weight"):  # the ELBO family: this epoch's KL weight (exact on resume)
         run.trainer.objective.kl_weight = kl_weight(run.config.beta, run.config.kl_warmup, epoch)
-    total, count = 0.0, 0
-    for step, (x, y) in enumerate(run.dataset.batches("train", run.config.batch_size, shuffle=True,
-                                                      generator=run.shuffle)):
-        value = run.trainer.step(x, y)
-        if not math.isfinite(value):
-            raise TrainingDiverged(f"training stopped: the loss became {value} at epoch {epoch}, step {step + 1}; "
-                                   f"{_kept(run, last_epoch)}; try a smaller --lr")
-        total += value
-        count += x.shape[0]
-        if bar is not None and step % 10 == 0:
-            bar.set_postfix(epoch=epoch, loss=f"{total / count:.3f}", refresh=False)
-    return -total / count
+    device = run.device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    bad_value = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for step, (x, y, streams, scale) in enumerate(_epoch_batches(run, epoch)):
+        loss = run.trainer.step(x, y, streams=streams, scale=scale).double() * (1.0 if scale else 0.0)
+        finite = torch.isfinite(loss)
+        new_bad = ~finite & (first_bad < 0)
+        first_bad = torch.where(new_bad, step, first_bad)
+        bad_value = torch.where(new_bad, loss, bad_value)
+        total += torch.where(finite, loss, torch.zeros_like(loss))
+        count += x.shape[0] if scale else 0
+        if (step + 1) % SYNC_EVERY == 0:
+            _check_diverged(run, epoch, last_epoch, first_bad, bad_value)
+            if bar is not None:
+                bar.set_postfix(epoch=epoch, loss=f"{float(total) / count:.3f}", refresh=False)
+    _check_diverged(run, epoch, last_epoch, first_bad, bad_value)
+    sums = distributed.all_sum(torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)]))
+    return -float(sums[0] / sums[1])
+
+
+def _check_diverged(run: _Training, epoch: int, last_epoch: int, first_bad, bad_value) -> None:
+    """Stop the run if a step's loss was NaN or infinite (the flag is the same on every rank: no rank waits)."""
+    step = int(distributed.all_max(first_bad.clone()) if distributed.world().distributed else first_bad)
+    if step >= 0:
+        value = float(bad_value)
+        if distributed.world().distributed:  # the value on this rank may be finite; report the step only
+            value = float("nan") if math.isfinite(value) else value
+        raise TrainingDiverged(f"training stopped: the loss became {value} at epoch {epoch}, step {step + 1}; "
+                               f"{_kept(run, last_epoch)}; try a smaller --lr")
 
 
 def _write_epoch(run: _Training, epoch: int, train_elbo: float, val: float, seconds: float) -> None:
@@ -272,14 +422,16 @@ def _write_epoch(run: _Training, epoch: int, train_elbo: float, val: float, seco
 def _epochs(run: _Training, progress: bool) -> None:
     """Train from ``run.start_epoch`` until the last epoch, early stopping or divergence."""
     epochs = range(run.start_epoch, run.config.epochs + 1) if not run.stopped_early else range(0)
-    with tqdm(total=len(epochs), desc=f"fit {run.config.model} on {run.config.data}", unit="epoch",
+    processes = distributed.world().size
+    scale = f" ({processes} processes, global batch {run.config.global_batch_size})" if processes > 1 else ""
+    with tqdm(total=len(epochs), desc=f"fit {run.config.model} on {run.config.data}{scale}", unit="epoch",
               disable=not progress, dynamic_ncols=True) as bar:
         last_epoch = run.start_epoch - 1
         for epoch in epochs:
             started = time.perf_counter()
             train_elbo = _train_epoch(run, epoch, last_epoch, bar if progress else None)
             run.net.eval()
-            val = validation_elbo(run.net, run.dataset)
+            val = validation_elbo(run.net, run.dataset, seed=run.config.seed, purpose=f"validation/{epoch}")
             if not math.isfinite(val):
                 raise TrainingDiverged(f"training stopped: the validation ELBO became {val} at epoch {epoch}; "
                                        f"{_kept(run, last_epoch)}")
@@ -332,7 +484,8 @@ def fit(
                    else _new_config(model, data, out, options))
     if out.exists() and not out.is_dir():
         raise ConfigError(f"run directory {out} already exists as a file; choose another --out")
-    created = _first_missing(out)
+    distributed.setup(resolve_device(config.device))  # under torchrun: join the job before anything is decided
+    created = _first_missing(out) if distributed.is_main() else None
     try:
         with runs.locked(out, "fit --resume" if resume else "fit"):
             return _fit_locked(config, out, None if isinstance(model, str) else model, resume, progress, evaluate,
@@ -356,23 +509,32 @@ def _first_missing(out: Path) -> Path | None:
 def _fit_locked(config: RunConfig, out: Path, model, resume: bool, progress: bool, evaluate: bool,
                 plots: bool) -> Run:
     """Train while holding the run directory's lock: check it, start or resume, train, evaluate."""
-    if resume and not (out / runs.CONFIG_FILE).is_file():
-        raise ConfigError(f"{out} is not a run directory (no {runs.CONFIG_FILE})")
-    if not resume:
-        _check_fresh(out)
+    distributed.agree(lambda: _check_directory(out, resume))
     run = _start(config, out, model)
-    runs.remove_leftovers(out)
+    if distributed.is_main():
+        runs.remove_leftovers(out)
     if resume:
         _resume(run)
     runs.write_config(out, config)
     _epochs(run, progress)
+    distributed.barrier()  # rank 0 has written best.pt
     best = load_checkpoint(out / runs.BEST_FILE, map_location=run.device)
     run.net.load_state(best)
     run.net.eval()
     result = Run(out, config, run.net, run.dataset, pd.DataFrame(run.history, columns=METRIC_COLUMNS),
                  int(best["epoch"]), run.device)
     if evaluate:
-        evaluate_run(result, k=config.eval_k, progress=progress, name=result.unused_result_name("evaluation", "fit"))
-    if plots:
+        name = distributed.agree(lambda: result.unused_result_name("evaluation", "fit"))
+        evaluate_run(result, k=config.eval_k, progress=progress, name=name, seed=config.seed)
+    if plots and distributed.is_main():
         plot_run(result)
+    distributed.barrier()
     return result
+
+
+def _check_directory(out: Path, resume: bool) -> None:
+    """A resumed run has its configuration; a new run goes into a free directory."""
+    if resume and not (out / runs.CONFIG_FILE).is_file():
+        raise ConfigError(f"{out} is not a run directory (no {runs.CONFIG_FILE})")
+    if not resume:
+        _check_fresh(out)

@@ -38,7 +38,8 @@ CONFIG_KEYS = {"model", "data", "data_dir", "likelihood", "binarize", "condition
                "hidden", "scale", "model_args", "elbo", "particles", "optimizer", "lr", "batch_size", "epochs",
                "patience", "seed", "device", "eval_k", "val_fraction", "test_fraction", "n_samples", "noise",
                "max_examples", "data_arg", "model_instance", "num_classes", "standardize", "model_sha256", "guide",
-               "activation", "beta", "kl_warmup", "data_seed"}
+               "activation", "beta", "kl_warmup", "data_seed", "precision", "compile", "processes",
+               "global_batch_size"}
 COMPARE = ["--chains", 2, "--samples", 10, "--warmup", 10, "--local-steps", 2, "--logp-k", 10, "--seed", 0, "--quiet"]
 
 

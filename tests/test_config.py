@@ -29,16 +29,17 @@ def _fit_actions() -> dict[str, argparse.Action]:
 
 def test_every_option_has_one_fit_flag_with_help():
     actions = _fit_actions()
-    api_only = {"model_instance", "model_sha256"}  # recorded by fit, not options a user gives
+    api_only = {"model_instance", "model_sha256", "processes", "global_batch_size"}  # recorded by fit
     for name in set(RunConfig.names()) - api_only:
         assert name in actions, name
         action = actions[name]
         assert action.help and action.default is argparse.SUPPRESS, name
         flag = "--model-arg" if name == "model_args" else "--" + name.replace("_", "-")
-        switch = [flag, "--no-" + flag[2:]] if name == "standardize" else [flag]
+        switch = [flag, "--no-" + flag[2:]] if name in ("standardize", "compile") else [flag]
         assert action.option_strings == switch
     assert not api_only & set(actions)
-    assert set(actions) - set(RunConfig.names()) == {"help", "out", "resume", "no_plots", "quiet", "trust_model_file"}
+    assert set(actions) - set(RunConfig.names()) == {"help", "out", "resume", "no_plots", "quiet", "trust_model_file",
+                                                        "launch_processes"}
 
 
 def test_choices_come_from_the_registries():
@@ -58,8 +59,11 @@ def test_only_the_options_given_reach_fit():
     assert (config.z_dim, config.data_options.val_fraction, config.lr, config.epochs) == (3, 0.25, 0.01, 50)
 
 
-def test_only_epochs_patience_and_device_are_resumable():
-    assert RunConfig.resumable() == {"epochs", "patience", "device"}
+def test_only_epochs_patience_device_and_how_the_networks_run_are_resumable():
+    # precision and compile change how the networks run, not what they compute; processes and
+    # global_batch_size record who resumed the run
+    assert RunConfig.resumable() == {"epochs", "patience", "device", "precision", "compile", "processes",
+                                     "global_batch_size"}
 
 
 def test_a_new_option_needs_only_its_declaration():

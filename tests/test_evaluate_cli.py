@@ -167,10 +167,13 @@ class _Recorder:
 
 def test_particles_are_streamed_in_bounded_passes(vae_run, monkeypatch):
     monkeypatch.setattr(importance, "ROWS_PER_PASS", 60)
+    monkeypatch.setattr(importance, "MAX_CHUNK", 20)  # chunks of at most 20 particles, whatever the batch
     rec = _Recorder(monkeypatch)
     _, per = evaluate_run(vae_run, estimators="elbo,iwae:300", n=4, progress=False, save=False)
-    assert max(k * b for k, b in rec.calls) <= 60  # never the [300, batch] tensor
-    assert sum(k * b for k, b in rec.calls) == 300 * 4  # elbo and iwae share one stream
+    # never the [300, batch] tensor: a pass is PAD datapoints (4, padded) at most, 20 particles at a time
+    assert max(k * b for k, b in rec.calls) <= max(60, 20 * importance.PAD)
+    assert {b for _, b in rec.calls} == {importance.PAD}
+    assert sum(k for k, _ in rec.calls) == 300  # elbo and iwae share one stream
     assert (per["iwae300"] >= per["elbo"] - 1e-6).all()
 
 
@@ -368,7 +371,7 @@ def test_two_evaluations_keep_both_sets_and_both_index_rows(fresh_run):
     assert (index["seconds"] > 0).all()
     assert json.loads(index["options"].iloc[2]) == {
         "estimators": ["elbo:3", "iwae:6"], "split": "val", "n": 3, "batch_size": None, "chains": 16,
-        "ais_start": "prior", "proposal": "prior"}
+        "ais_start": "prior", "proposal": "prior", "seed": 0}
     run = load_run(fresh_run)
     pd.testing.assert_frame_equal(run.results(), index, check_dtype=False)
     assert run.result_set("evaluation", "fit") == fresh_run / "evaluation" / "fit"

@@ -346,9 +346,9 @@ def _record_kl_weights(monkeypatch) -> list[float]:
     seen = []
     step = train_module.Trainer.step
 
-    def recording(self, x, y=None):
+    def recording(self, x, y=None, **options):
         seen.append(self.objective.kl_weight)
-        return step(self, x, y)
+        return step(self, x, y, **options)
 
     monkeypatch.setattr(train_module.Trainer, "step", recording)
     return seen
