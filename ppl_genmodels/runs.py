@@ -449,6 +449,8 @@ class Run:
         figures), then the index row, so the index never lists a set still being written.
         """
         folder = self.result_set(kind, name)
+        if not distributed.is_main():  # rank 0 writes the set (and refuses a name that exists) for every rank
+            return folder
         folder.parent.mkdir(parents=True, exist_ok=True)
         try:
             folder.mkdir()

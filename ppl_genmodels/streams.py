@@ -76,8 +76,11 @@ def mix(z: torch.Tensor) -> torch.Tensor:
 
 
 def _mix_int(value: int) -> int:
-    """:func:`mix` of one Python integer (the same bits as the tensor version)."""
-    return int(mix(torch.tensor(_signed(value), dtype=torch.int64)))
+    """:func:`mix` of one Python integer, in plain integer arithmetic (the same bits as the tensor version)."""
+    z = (value + _GOLDEN) % _MASK64
+    z = ((z ^ (z >> 30)) * _M1) % _MASK64
+    z = ((z ^ (z >> 27)) * _M2) % _MASK64
+    return _signed(z ^ (z >> 31))
 
 
 def stable_hash(text: str) -> int:

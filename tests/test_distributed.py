@@ -259,3 +259,21 @@ def test_a_nan_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoint(tmp_pa
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["epoch"] == kept and all(torch.isfinite(v).all() for v in state["model"].values())
     assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == list(range(1, kept + 1))
+
+
+def test_a_sweep_with_two_processes_writes_the_table_of_one(tmp_path):
+    """Every cell trained with DDP and evaluated on shards; rank 0 writes each result set and the table once."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text('data = "digits"\nepochs = 2\nmax_examples = 200\nhidden = [16]\nz_dim = 3\nbatch_size = 32\n'
+                    'seed = 1\n[grid]\nelbo = ["trace", "iwae"]\nparticles = [2]\n[evaluate]\nestimators = "elbo,iwae:20"\n')
+    two = _cli("sweep", str(spec), "--out", str(tmp_path / "two"), "--processes", "2", "--quiet")
+    assert two.returncode == 0, two.stderr[-2000:]
+    spec.write_text(spec.read_text().replace("batch_size = 32", "batch_size = 64"))
+    one = _cli("sweep", str(spec), "--out", str(tmp_path / "one"), "--quiet")
+    assert one.returncode == 0, one.stderr[-2000:]
+    a, b = pd.read_csv(tmp_path / "two" / "sweep.csv"), pd.read_csv(tmp_path / "one" / "sweep.csv")
+    assert a["run_dir"].tolist() == b["run_dir"].tolist() == ["elbo=trace,particles=2", "elbo=iwae,particles=2"]
+    for column in ("test_elbo", "test_iwae20", "active_units"):
+        np.testing.assert_allclose(a[column], b[column], rtol=1e-4)
+    for cell in a["run_dir"]:
+        assert sorted(p.name for p in (tmp_path / "two" / cell / "evaluation").iterdir()) == ["sweep"]
