@@ -139,22 +139,23 @@ def _device_for_collectives() -> torch.device:
     return torch.device("cpu")
 
 
-def all_sum(value: torch.Tensor) -> torch.Tensor:
-    """The sum of ``value`` over all ranks (a new tensor on ``value``'s device; itself in one process)."""
+def _all_reduce(value: torch.Tensor, op) -> torch.Tensor:
+    """``value`` reduced with ``op`` over all ranks, as a new tensor on its device (itself in one process)."""
     if not world().distributed:
         return value
-    total = value.detach().to(_device_for_collectives(), copy=True)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total.to(value.device)
+    reduced = value.detach().to(_device_for_collectives(), copy=True)
+    dist.all_reduce(reduced, op=op)
+    return reduced.to(value.device)
+
+
+def all_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum of ``value`` over all ranks (a new tensor on ``value``'s device; itself in one process)."""
+    return _all_reduce(value, dist.ReduceOp.SUM)
 
 
 def all_max(value: torch.Tensor) -> torch.Tensor:
     """The elementwise maximum of ``value`` over all ranks (itself in one process); stays on the device."""
-    if not world().distributed:
-        return value
-    top = value.detach().to(_device_for_collectives(), copy=True)
-    dist.all_reduce(top, op=dist.ReduceOp.MAX)
-    return top.to(value.device)
+    return _all_reduce(value, dist.ReduceOp.MAX)
 
 
 def any_true(flag: bool) -> bool:
