@@ -47,6 +47,7 @@ from pyro.infer import MCMC, NUTS
 from tqdm.auto import tqdm
 
 from ppl_genmodels.inference import hmc
+from ppl_genmodels.inference.diagnostics import ess_bulk, ess_tail, split_rhat
 from ppl_genmodels.inference.adaptation import (
     TARGET_ACCEPT,
     warmup_schedule,
@@ -93,17 +94,15 @@ def diagnostics(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     """(R-hat, bulk ESS, tail ESS) per datapoint from ``draws  # [chains, draws, batch, dim]``.
 
     Split rank-normalised R-hat and ESS of Vehtari, Gelman, Simpson, Carpenter &
-    Buerkner (2021), computed by ArviZ for every (datapoint, dimension); the worst
-    dimension of each datapoint is reported. One chain gives R-hat = NaN.
+    Buerkner (2021) for every (datapoint, dimension) at once
+    (:mod:`ppl_genmodels.inference.diagnostics`, equal to ArviZ's to rounding); the
+    worst dimension of each datapoint is reported. One chain gives R-hat = NaN.
     """
-    az = _arviz()
     array = draws.detach().cpu().double().numpy()
-    dataset = az.convert_to_dataset({"z": array})
-    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-        warnings.simplefilter("ignore")
-        rhat = az.rhat(dataset)["z"].values            # [batch, dim]
-        bulk = az.ess(dataset, method="bulk")["z"].values
-        tail = az.ess(dataset, method="tail")["z"].values
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rhat = split_rhat(array)            # [batch, dim]
+        bulk = ess_bulk(array)
+        tail = ess_tail(array)
     return (torch.as_tensor(np.max(rhat, -1)), torch.as_tensor(np.min(bulk, -1)), torch.as_tensor(np.min(tail, -1)))
 
 
