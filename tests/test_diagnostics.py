@@ -40,6 +40,7 @@ CASES = {
     "constant and NaN": _with_constant_and_nan,
     "one chain": lambda: RNG.normal(size=(1, 100, 3)),
     "too few draws": lambda: RNG.normal(size=(4, 3, 2)),
+    "more variables than a block": lambda: _ar1(2, 40, 600, 0.5),
 }
 
 
