@@ -49,6 +49,14 @@ binary data of the same shape and says so.
    reset. The peak must not grow with k: the criterion printed is growth at
    the largest k <= 1.25 x growth at the smallest k + 16 MiB.
 
+   The whole command, by n: ``ppl-genmodels evaluate RUN --estimators
+   elbo,iwae:K --count N`` for each N of ``--mem-n-list`` (default 100, 1,000,
+   10,000; the run's test split caps N, so pass ``--run`` with a run trained
+   on full MNIST for 10,000), each in a fresh interpreter that prints its own
+   ``VmHWM`` at the end: the peak resident size of loading, the padded passes
+   and the tables together, the figure a user sees. It must stay under 1.5 GB
+   whatever N.
+
 3. *AIS.* ``inference.ais.ais`` (HMC transitions, 10 leapfrog steps, sigmoid
    schedule) with ``--ais-steps`` steps and ``--ais-chains`` chains on the
    first ``--ais-n`` images in one batched call, starting from ``--ais-init``
@@ -109,6 +117,7 @@ Usage::
                                   [--mem-k 500,5000,20000] [--mem-n 20] [--mem-chunk ROWS] [--skip-memory]
                                   [--ais-steps 1000] [--ais-chains 16] [--ais-n 10] [--ais-init prior|guide]
                                   [--skip-ais] [--device auto|cpu|cuda] [--threads N]
+                                  [--mem-n-list 100,1000,10000] [--skip-memory-n]
 
 ``--n 10000`` evaluates the whole MNIST test set (about six minutes a pass on
 two cores at k = 5000; add ``--repeats 1``).
@@ -133,6 +142,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyro
 import torch
 from torch import nn
@@ -399,6 +409,38 @@ def memory_by_k(model, x, ks, rows, batch, device, threads, workdir: Path) -> li
     return results
 
 
+#: run in a fresh interpreter: the toolkit's own ``evaluate`` command, then its peak resident size (VmHWM)
+_EVALUATE_AND_REPORT = (
+    "import json, sys\n"
+    "from ppl_genmodels.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "peak = next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
+    "print(json.dumps({'exit': code, 'peak_mib': peak / 1024}))\n"
+)
+
+
+def memory_by_n(run_dir: Path, ns: list[int], k: int, threads: int) -> list[dict]:
+    """Peak resident size of the whole ``ppl-genmodels evaluate RUN --estimators elbo,iwae:K --count N``
+    command (the toolkit's own pipeline: loading, sharding, padded passes, tables), one fresh process per N."""
+    results = []
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    for n in ns:
+        name = f"memory-n{n}-{stamp}"
+        cmd = [sys.executable, "-c", _EVALUATE_AND_REPORT, "evaluate", str(run_dir), "--estimators", f"elbo,iwae:{k}",
+               "--count", str(n), "--quiet", "--name", name]
+        started = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        seconds = time.perf_counter() - started
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+        if done.returncode != 0 or not lines:
+            raise SystemExit(f"evaluate --count {n} failed:\n{done.stderr[-2000:]}")
+        summary = Path(run_dir) / "evaluation" / name / "summary.csv"
+        evaluated = int(pd.read_csv(summary)["n"].iloc[0]) if summary.is_file() else n
+        results.append({"n": n, "evaluated": evaluated, "seconds": seconds, **json.loads(lines[-1])})
+    return results
+
+
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
@@ -431,6 +473,10 @@ def main(argv=None) -> None:
                              "(default prior, as in Wu et al. 2017)")
     parser.add_argument("--skip-ais", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--mem-n-list", type=int_list, default=[100, 1000, 10000],
+                        help="datapoints of the whole-command memory check (default 100,1000,10000; capped by the "
+                             "run's test split: pass --run with a run on full MNIST for 10000)")
+    parser.add_argument("--skip-memory-n", action="store_true", help="skip the whole-command memory check")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
@@ -607,6 +653,16 @@ def main(argv=None) -> None:
         else:
             print("summary (b) peak memory by k: skipped")
         print(f"summary (c) AIS: {ais_line}")
+        if not args.skip_memory_n and device.type == "cpu" and Path("/proc/self/status").exists():
+            run_dir = Path(args.run) if args.run is not None else workdir / "run"
+            by_n = memory_by_n(run_dir, args.mem_n_list, args.k, torch.get_num_threads())
+            for r in by_n:
+                print(f"memory[evaluate --count {r['n']}] datapoints {r['evaluated']}: peak {r['peak_mib']:.0f} MiB, "
+                      f"{r['seconds']:.1f} s")
+            table = ", ".join(f"n={r['evaluated']}: {r['peak_mib']:.0f} MiB" for r in by_n)
+            bounded = max(r["peak_mib"] for r in by_n) < 1536
+            print(f"summary (d) peak memory of `evaluate --estimators elbo,iwae:{args.k}` by n: {table}; "
+                  f"under 1.5 GB: {'yes' if bounded else 'NO'}")
 
 
 if __name__ == "__main__":
