@@ -111,12 +111,19 @@ def _leftover_tmp(folder: Path) -> list[str]:
 
 
 def _fingerprint(folder: Path, skip=(runs.LOCK_FILE,)) -> dict:
-    """Every entry under ``folder``: files with their bytes and mtime, folders as None."""
+    """Every entry under ``folder``: files with their bytes and mtime, folders as None.
+
+    ``skip`` names files a live writer owns; their atomic-write temporaries (``.<name>.<random>.tmp``),
+    which come and go while the writer works, are skipped with them.
+    """
     found = {}
     for p in sorted(folder.rglob("*")):
-        if p.name in skip:
+        if p.name in skip or any(p.name.startswith(f".{name}.") and p.name.endswith(".tmp") for name in skip):
             continue
-        found[str(p.relative_to(folder))] = (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+        try:
+            found[str(p.relative_to(folder))] = (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+        except FileNotFoundError:  # renamed into place between listing and reading
+            continue
     return found
 
 
