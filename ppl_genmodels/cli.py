@@ -88,7 +88,7 @@ def _fit_parser(sub) -> None:
 
 
 def _processes_option(parser) -> None:
-    parser.add_argument("--processes", dest="launch_processes", type=int, help="run N worker processes on this machine through torchrun's "
+    parser.add_argument("--processes", dest="launch_processes", type=int, metavar="N", help="run N worker processes on this machine through torchrun's "
                         "launcher (training with DDP, evaluation sharded by datapoint); under torchrun leave it out")
 
 

@@ -49,6 +49,8 @@ from ppl_genmodels.traces import TraceError, first_line
 __all__ = [
     "ConfigError",
     "OPTIMIZERS",
+    "COMPILE_CHOICES",
+    "compiles",
     "option",
     "RunConfig",
     "resolve_device",
@@ -67,6 +69,33 @@ _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 #: optimizers by name (plain ``torch.optim``, on the module's own parameters)
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
               "rmsprop": torch.optim.RMSprop}
+
+
+#: ``--compile``: always, never, or where it pays (:func:`compiles`)
+COMPILE_CHOICES = ("auto", "on", "off")
+#: optimizer steps from which ``--compile auto`` compiles a CUDA run's networks (compiling costs seconds, once)
+COMPILE_MIN_STEPS = 2000
+
+
+def compiles(setting, device: torch.device, steps: int) -> bool:
+    """Whether ``--compile SETTING`` compiles the networks of a job of ``steps`` optimizer steps on ``device``.
+
+    ``auto`` compiles on CUDA for runs of at least :data:`COMPILE_MIN_STEPS` steps, never on the CPU: on a
+    2-core CPU, an SVI step of the MNIST VAE 784-400-50 took 6.0 ms with compiled networks against 5.2 ms
+    eager, after 4.8 s of compiling. ``True``/``False`` (configurations written before the three
+    settings) mean ``on``/``off``.
+    """
+    setting = _compile_setting(setting)
+    if setting != "auto":
+        return setting == "on"
+    return torch.device(device).type == "cuda" and steps >= COMPILE_MIN_STEPS
+
+
+def _compile_setting(value):
+    """``on``/``off`` for the booleans of older configurations; other values as they are."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
 
 
 class ConfigError(ValueError):
@@ -165,8 +194,10 @@ class RunConfig:
     precision: str = option("fp32", "precision of the networks: bf16 runs them under torch.autocast, with "
                                     "log-densities, log-sum-exp and accumulators kept in float32",
                             choices=PRECISIONS, resumable=True)
-    compile: bool = option(False, "compile the model's networks with torch.compile (Pyro's handlers stay eager); "
-                                  "falls back to eager with a warning where compiling fails", resumable=True)
+    compile: str = option("auto", "compile the model's networks with torch.compile (Pyro's handlers stay eager; "
+                                  "eager with a warning where compiling fails): on, off, or auto, where it pays "
+                                  "(CUDA runs of at least 2,000 optimizer steps; never on the CPU, where it ran "
+                                  "slower)", choices=COMPILE_CHOICES, resumable=True)
     processes: int = option(1, "processes that trained the run (the latest start or resume): under torchrun, "
                                "each took batch_size datapoints of every global batch", cli=False, resumable=True)
     global_batch_size: int | None = option(None, "datapoints per optimizer step over all processes "
@@ -192,6 +223,8 @@ class RunConfig:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if "compile" in values:  # configurations written when --compile was a switch
+            values = {**values, "compile": _compile_setting(values["compile"])}
         data_names = {f.name for f in dataclasses.fields(DataOptions)}
         data_options = DataOptions(**{k: v for k, v in values.items() if k in data_names})
         return cls(data_options=data_options, **{k: v for k, v in values.items() if k not in data_names})
@@ -217,6 +250,8 @@ class RunConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"model argument {key} must be a finite number, got {value}")
         checks = [
+            (self.compile in COMPILE_CHOICES, f"unknown compile setting {self.compile!r}; choose one of "
+                                              f"{', '.join(COMPILE_CHOICES)}"),
             (self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose one of "
                                            f"{', '.join(PRECISIONS)}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),

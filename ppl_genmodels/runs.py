@@ -47,7 +47,7 @@ import pandas as pd
 import torch
 
 from ppl_genmodels import distributed
-from ppl_genmodels.config import ConfigError, RunConfig, build_model, check_model_file, resolve_device
+from ppl_genmodels.config import ConfigError, RunConfig, build_model, check_model_file, compiles, resolve_device
 from ppl_genmodels.data import Dataset
 from ppl_genmodels.programs import Program
 from ppl_genmodels.traces import TraceError, first_line
@@ -512,7 +512,8 @@ def load_run(path, *, device: str | None = None, which: str = "best", model=None
         first = first_line(err)
         raise CheckpointError(f"checkpoint {file} does not fit model {type(program.module).__name__}: {first}") from None
     program.eval()
-    program.accelerate(precision=getattr(config, "precision", "fp32"), compile=getattr(config, "compile", False))
+    program.accelerate(precision=getattr(config, "precision", "fp32"),
+                       compile=compiles(getattr(config, "compile", "off"), dev, steps=0))  # auto: not for one job
     metrics_file = path / METRICS_FILE
     metrics = pd.read_csv(metrics_file) if metrics_file.is_file() else pd.DataFrame()
     return Run(path, config, program, dataset, metrics, int(payload.get("epoch", 0)), dev)

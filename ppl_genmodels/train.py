@@ -37,7 +37,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ppl_genmodels import distributed, runs
-from ppl_genmodels.config import (OPTIMIZERS, ConfigError, RunConfig, build_model, check_model_file, file_sha256,
+from ppl_genmodels.config import (OPTIMIZERS, ConfigError, RunConfig, build_model, check_model_file, compiles,
+                                  file_sha256,
                                   is_instance, model_file, model_spec_string, resolve_device)
 from ppl_genmodels.evaluation import evaluate_run
 from ppl_genmodels.inference.objectives import kl_weight, make_objective
@@ -269,7 +270,8 @@ def _start(config: RunConfig, out: Path, model) -> _Training:
     device = distributed.local_device(resolve_device(config.device))
     dataset, net = dataset.to(device), net.to(device)
     nesting = net.check(*dataset.probe())
-    net.accelerate(precision=config.precision, compile=config.compile)  # after the check: it runs as written
+    steps = config.epochs * math.ceil(len(dataset.split("train")) / (config.batch_size * distributed.world().size))
+    net.accelerate(precision=config.precision, compile=compiles(config.compile, device, steps))  # after the check
     objective = make_objective(config.elbo, config.particles, nesting, detached=net.parameters_detached)
     trainer = Trainer(net, objective, _optimizer(config, net.parameters(), device), probe=dataset.probe())
     here = distributed.world()

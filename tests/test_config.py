@@ -35,7 +35,7 @@ def test_every_option_has_one_fit_flag_with_help():
         action = actions[name]
         assert action.help and action.default is argparse.SUPPRESS, name
         flag = "--model-arg" if name == "model_args" else "--" + name.replace("_", "-")
-        switch = [flag, "--no-" + flag[2:]] if name in ("standardize", "compile") else [flag]
+        switch = [flag, "--no-" + flag[2:]] if name == "standardize" else [flag]
         assert action.option_strings == switch
     assert not api_only & set(actions)
     assert set(actions) - set(RunConfig.names()) == {"help", "out", "resume", "no_plots", "quiet", "trust_model_file",

@@ -17,6 +17,7 @@ from torch import nn
 
 from conftest import run_cli
 from ppl_genmodels import cli, fit, load_run
+from ppl_genmodels.config import COMPILE_MIN_STEPS, compiles
 from ppl_genmodels.inference.importance import batched_estimates
 from ppl_genmodels.models.vae import VAE
 from ppl_genmodels.programs import Program, _Network
@@ -205,7 +206,7 @@ def test_estimates_in_bf16_agree_with_fp32_within_their_standard_errors(bf16_run
 
 def test_fit_records_the_precision_and_load_run_applies_it(bf16_run, tmp_path):
     config = json.loads((bf16_run / "config.json").read_text())
-    assert config["precision"] == "bf16" and config["compile"] is False
+    assert config["precision"] == "bf16" and config["compile"] == "auto"  # auto: not on the CPU
     run = load_run(bf16_run)
     assert run.config.precision == "bf16"
     assert run.program.acceleration == {"precision": "bf16", "compile": False}
@@ -234,9 +235,31 @@ def test_the_fit_options_offer_precision_and_compile():
     with pytest.raises(SystemExit):
         run_cli(["fit", "--help"])
     parser = cli.build_parser()
-    args = parser.parse_args(["fit", "--precision", "bf16", "--compile"])
-    assert args.precision == "bf16" and args.compile is True
-    assert parser.parse_args(["fit", "--no-compile"]).compile is False
+    args = parser.parse_args(["fit", "--precision", "bf16", "--compile", "on"])
+    assert args.precision == "bf16" and args.compile == "on"
+    assert parser.parse_args(["fit", "--compile", "off"]).compile == "off"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["fit", "--compile", "maybe"])
+
+
+@pytest.mark.parametrize("setting, device, steps, expected", [
+    ("on", "cpu", 1, True), ("off", "cuda", 10**6, False),
+    ("auto", "cpu", 10**6, False),            # compiled networks ran slower on the CPU
+    ("auto", "cuda", COMPILE_MIN_STEPS, True), ("auto", "cuda", COMPILE_MIN_STEPS - 1, False),
+    (True, "cpu", 1, True), (False, "cuda", 10**6, False),  # configurations from when --compile was a switch
+])
+def test_compile_auto_compiles_only_long_cuda_runs(setting, device, steps, expected):
+    assert compiles(setting, torch.device(device), steps) is expected
+
+
+def test_a_configuration_from_when_compile_was_a_switch_loads(bf16_run, tmp_path):
+    older = tmp_path / "switch"
+    shutil.copytree(bf16_run, older)
+    config = json.loads((older / "config.json").read_text())
+    config["compile"] = False
+    (older / "config.json").write_text(json.dumps(config))
+    run = load_run(older)
+    assert run.config.compile == "off" and run.program.acceleration["compile"] is False
 
 
 # --------------------------------------------------------------------------- #
