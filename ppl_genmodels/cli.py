@@ -382,11 +382,13 @@ def _launch(processes: int, argv: list[str]) -> int:
     """Start ``processes`` workers running this same command (without ``--processes``)."""
     rest, skip = [], False
     for arg in argv:
+        name = arg.split("=")[0]
+        is_processes = len(name) > 2 and "--processes".startswith(name)  # argparse took it, abbreviated or not
         if skip:
             skip = False
-        elif arg == "--processes":
-            skip = True
-        elif not arg.startswith("--processes="):
+        elif is_processes:
+            skip = "=" not in arg
+        else:
             rest.append(arg)
     try:
         return distributed.launch(processes, rest)

@@ -14,7 +14,7 @@ runs the same command; this module tells them apart and lets them agree:
   :func:`split_batch` each rank its share of a global minibatch (training).
 - Rank 0 alone writes files. :func:`agree` runs a check on rank 0 and raises
   its error on every rank, so no rank is left waiting for one that gave up.
-- :func:`all_sum`, :func:`any_true` and :func:`gather` are the collectives the
+- :func:`all_sum`, :func:`all_max` and :func:`gather` are the collectives the
   toolkit needs; with one process they return their input.
 
 Nothing here launches, schedules or discovers processes itself.
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "world", "setup", "is_main", "shard", "split_batch", "agree", "all_sum", "all_max", "any_true", "gather",
+__all__ = ["World", "world", "setup", "is_main", "shard", "split_batch", "agree", "all_sum", "all_max", "gather",
            "barrier", "teardown", "launch", "LaunchError", "DEFAULT_TIMEOUT"]
 
 #: seconds a collective waits for the other ranks before the job fails (``PPL_GENMODELS_TIMEOUT`` overrides)
@@ -158,13 +158,6 @@ def all_max(value: torch.Tensor) -> torch.Tensor:
     return _all_reduce(value, dist.ReduceOp.MAX)
 
 
-def any_true(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any rank (a decision all ranks take together)."""
-    if not world().distributed:
-        return bool(flag)
-    return bool(all_sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)
-
-
 def gather(value):
     """Every rank's ``value`` as a list in rank order, on rank 0; None on the other ranks."""
     here = world()
@@ -231,14 +224,9 @@ def launch(processes: int, argv: list[str]) -> int:
     try:
         torchrun(args)
     except ChildFailedError as err:
-        code = err.get_first_failure()[1].exitcode
-        raise LaunchError(_failure(err, processes), code if code is not None else 1) from None
+        rank, failure = err.get_first_failure()
+        code = failure.exitcode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        raise LaunchError(f"worker {rank} of {processes} {how}; the job was stopped (its own message, if any, "
+                          "is above)", code if code is not None else 1) from None
     return 0
-
-
-def _failure(err, processes: int) -> str:
-    """One line for a failed multi-process job: which rank failed first, and how."""
-    rank, failure = err.get_first_failure()
-    code = failure.exitcode
-    how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-    return (f"worker {rank} of {processes} {how}; the job was stopped (its own message, if any, is above)")

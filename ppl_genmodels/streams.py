@@ -125,10 +125,6 @@ class Streams:
     def __len__(self) -> int:
         return int(self.index.shape[0])
 
-    def to(self, device) -> "Streams":
-        """The same streams with their keys on ``device``."""
-        return self.subset(slice(None), device=device)
-
     def subset(self, rows, *, device=None) -> "Streams":
         """The streams of some of the datapoints (``rows``: a slice or indices), as fresh streams."""
         return Streams(self.seed, self.index[rows], self.purpose, device=device or self.index.device)
@@ -214,16 +210,16 @@ class _StreamsMessenger(Messenger):
         data = frames.get(DATA_PLATE)
         particles = frames.get(PARTICLE_PLATE)
         mode = _RoutedDraws(self.streams, site_tag, event, None if data is None else data.dim,
-                            None if particles is None else particles.dim, msg["name"])
+                            None if particles is None else particles.dim)
         with mode:
             msg["value"] = msg["fn"](*msg["args"], **msg["kwargs"])
         msg["done"] = True
 
 
-def _out_shape(args, kwargs, first_size: int = 0):
+def _out_shape(args, kwargs):
     size = kwargs.get("size")
     if size is None:
-        size = args[first_size:]
+        size = args
         if len(size) == 1 and not isinstance(size[0], int):
             size = size[0]
     return torch.Size(size)
@@ -239,9 +235,9 @@ class _RoutedDraws(TorchFunctionMode):
                 torch.normal, torch.bernoulli, torch.rand_like, torch.randn_like, torch.randint_like,
                 torch.Tensor.bernoulli_}
 
-    def __init__(self, streams: Streams, site_tag: int, event: int, data_dim, particle_dim, name: str):
+    def __init__(self, streams: Streams, site_tag: int, event: int, data_dim, particle_dim):
         super().__init__()
-        self.streams, self.site_tag, self.event, self.name = streams, site_tag, event, name
+        self.streams, self.site_tag, self.event = streams, site_tag, event
         self.data_dim, self.particle_dim = data_dim, particle_dim
         self.ops = 0
 

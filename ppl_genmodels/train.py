@@ -162,6 +162,7 @@ class Trainer:
         self.objective = objective
         self.optimizer = optimizer
         self.validate_next = True  # Pyro's argument checks run on the first step only
+        self.skipped = None  # after a step: 1 (a device tensor) when its update was skipped on every rank, else 0
         self.loss_module = _Loss(model, objective)
         self.ddp = None
         if distributed.world().distributed:
@@ -185,6 +186,7 @@ class Trainer:
         bad = (~torch.isfinite(loss.detach())).float()
         if self.ddp is not None:
             bad = distributed.all_max(bad)
+        self.skipped = bad  # 1 when this step's update was skipped: the same on every rank
         if _fused(self.optimizer):
             self.optimizer.found_inf = bad
             self.optimizer.step()
@@ -376,12 +378,12 @@ def _train_epoch(run: _Training, epoch: int, last_epoch: int, bar) -> float:
     bad_value = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for step, (x, y, streams, scale) in enumerate(_epoch_batches(run, epoch)):
-        loss = run.trainer.step(x, y, streams=streams, scale=scale).double() * (1.0 if scale else 0.0)
-        finite = torch.isfinite(loss)
-        new_bad = ~finite & (first_bad < 0)
+        loss = run.trainer.step(x, y, streams=streams, scale=scale).double()
+        skipped = run.trainer.skipped > 0
+        new_bad = skipped & (first_bad < 0)
         first_bad = torch.where(new_bad, step, first_bad)
         bad_value = torch.where(new_bad, loss, bad_value)
-        total += torch.where(finite, loss, torch.zeros_like(loss))
+        total += torch.where(skipped, torch.zeros_like(loss), loss) * (1.0 if scale else 0.0)
         count += x.shape[0] if scale else 0
         if (step + 1) % SYNC_EVERY == 0:
             _check_diverged(run, epoch, last_epoch, first_bad, bad_value)
@@ -394,7 +396,7 @@ def _train_epoch(run: _Training, epoch: int, last_epoch: int, bar) -> float:
 
 def _check_diverged(run: _Training, epoch: int, last_epoch: int, first_bad, bad_value) -> None:
     """Stop the run if a step's loss was NaN or infinite (the flag is the same on every rank: no rank waits)."""
-    step = int(distributed.all_max(first_bad.clone()) if distributed.world().distributed else first_bad)
+    step = int(first_bad)
     if step >= 0:
         value = float(bad_value)
         if distributed.world().distributed:  # the value on this rank may be finite; report the step only

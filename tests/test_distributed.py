@@ -277,3 +277,13 @@ def test_a_sweep_with_two_processes_writes_the_table_of_one(tmp_path):
         np.testing.assert_allclose(a[column], b[column], rtol=1e-4)
     for cell in a["run_dir"]:
         assert sorted(p.name for p in (tmp_path / "two" / cell / "evaluation").iterdir()) == ["sweep"]
+
+
+@pytest.mark.parametrize("given", [["--processes", "2"], ["--processes=2"], ["--proc", "2"], ["--process=2"]])
+def test_the_workers_get_the_command_without_processes_however_it_was_spelled(monkeypatch, given):
+    from ppl_genmodels import cli
+
+    seen = {}
+    monkeypatch.setattr(distributed, "launch", lambda processes, argv: seen.update(n=processes, argv=argv) or 0)
+    assert cli.main(["evaluate", "RUN", "--count", "5", *given, "--quiet"]) == 0
+    assert seen == {"n": 2, "argv": ["evaluate", "RUN", "--count", "5", "--quiet"]}
