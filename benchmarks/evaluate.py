@@ -23,7 +23,9 @@ binary data of the same shape and says so.
    activations are not counted). Right before and after every timed
    evaluation, the script times a bare float32 matmul with the shape of the
    decoder's largest layer at the same number of rows
-   (``[rows, 400] x [400, 784]``, median of ``--gemm-repeats`` products). The
+   (``[rows, 400] x [400, 784]``, median of ``--gemm-repeats`` products), with
+   ATen's ``matmul`` and, on a CPU with oneDNN, oneDNN's linear kernel, and
+   takes the faster (on AMD processors oneDNN's, about twice MKL's). The
    *matmul fraction* is the achieved rate of the fastest evaluation over the
    fastest GEMM measurement at that chunk; the per-repeat ratios against the
    GEMM timed around each evaluation are printed too. Best-of on both sides
@@ -107,7 +109,10 @@ it freezes the mmap threshold at its 128 KiB default), fewer full-size
 temporaries in the likelihood (``x * logits - softplus(logits)`` is the same
 log-density in one transcendental pass), and fusing bias, softplus and the
 pixel sum into one pass over the GEMM output (``torch.compile`` of the
-decoder and likelihood).
+decoder and likelihood). ``--compile on`` does the last two: each particle
+chunk's log-weights run as one captured graph (``ppl_genmodels.compiled``),
+Inductor fuses the likelihood into the passes over the decoder's output, and
+the products run through oneDNN.
 
 Usage::
 
@@ -116,7 +121,7 @@ Usage::
                                   [--train-epochs 2] [--train-examples 5000] [--run RUN_DIR] [--data-dir DIR]
                                   [--mem-k 500,5000,20000] [--mem-n 20] [--mem-chunk ROWS] [--skip-memory]
                                   [--ais-steps 1000] [--ais-chains 16] [--ais-n 10] [--ais-init prior|guide]
-                                  [--skip-ais] [--device auto|cpu|cuda] [--threads N]
+                                  [--skip-ais] [--device auto|cpu|cuda] [--threads N] [--compile off|on]
                                   [--mem-n-list 100,1000,10000] [--skip-memory-n]
 
 ``--n 10000`` evaluates the whole MNIST test set (about six minutes a pass on
@@ -148,6 +153,7 @@ import torch
 from torch import nn
 
 from ppl_genmodels.inference.importance import streaming_estimates
+from ppl_genmodels.programs import Program
 
 SEED = 0
 X_DIM = 784
@@ -342,22 +348,36 @@ def iwae_all(model, x: torch.Tensor, k: int, rows: int, batch: int) -> tuple[tor
     return torch.cat(values), particles, batch
 
 
+GEMM_KERNELS: dict[str, float] = {}  # the last rate of each kernel, for the report
+
+
 @torch.no_grad()
 def gemm_gflops(rows: int, inner: int, outer: int, device: torch.device, repeats: int) -> float:
-    """float32 ``[rows, inner] x [inner, outer]`` matmul rate, median over ``repeats`` (GFLOP/s)."""
+    """float32 ``[rows, inner] x [inner, outer]`` matmul rate, median over ``repeats`` (GFLOP/s).
+
+    The faster of ATen's ``matmul`` and, on a CPU with oneDNN, oneDNN's linear kernel
+    (the one a compiled program's products use, ``ppl_genmodels.compiled``): on AMD
+    processors MKL, behind ATen's float32 ``matmul``, runs at about half of oneDNN's rate.
+    """
     a = torch.randn(rows, inner, device=device)
     b = torch.randn(inner, outer, device=device)
     out = torch.empty(rows, outer, device=device)
-    for _ in range(2):
-        torch.matmul(a, b, out=out)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        torch.matmul(a, b, out=out)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2.0 * rows * inner * outer / statistics.median(times) / 1e9
+    kernels = {"aten": lambda: torch.matmul(a, b, out=out)}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        linear = torch.ops.mkldnn._linear_pointwise.default
+        kernels["onednn"] = lambda: linear(a, b.t(), None, "none", [], "")
+    for name, kernel in kernels.items():
+        for _ in range(2):
+            kernel()
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            kernel()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        GEMM_KERNELS[name] = 2.0 * rows * inner * outer / statistics.median(times) / 1e9
+    return max(GEMM_KERNELS.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,6 +497,8 @@ def main(argv=None) -> None:
                         help="datapoints of the whole-command memory check (default 100,1000,10000; capped by the "
                              "run's test split: pass --run with a run on full MNIST for 10000)")
     parser.add_argument("--skip-memory-n", action="store_true", help="skip the whole-command memory check")
+    parser.add_argument("--compile", choices=("off", "on"), default="off",
+                        help="on: IWAE's particle chunks as one compiled graph each (ppl_genmodels.compiled)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
@@ -527,6 +549,15 @@ def main(argv=None) -> None:
         # warm-up: one small pass (thread pools, allocator, Pyro's first-call work)
         pyro.set_rng_seed(SEED)
         iwae_all(model, x[: min(n, args.batch)], min(args.k, 50), args.chunk[0], args.batch)
+        evaluator = model  # the IWAE timings' model: as it is, or its hot paths compiled
+        if args.compile == "on":
+            # every pass shape of every chunk size captured and compiled before the timing starts
+            evaluator = Program(model).accelerate(compile=True)
+            began = time.perf_counter()
+            for rows in args.chunk:
+                iwae_all(evaluator, x, args.k, rows, args.batch)
+            print(f"compiled path (--compile on): capturing and compiling every pass shape, plus one untimed "
+                  f"evaluation per chunk size: {time.perf_counter() - began:.1f} s")
 
         # Chunk sizes take turns within each repeat, so that drifts in machine load hit all alike.
         stats = {rows: {"secs": [], "gemms": [], "paired": [], "faults": []} for rows in args.chunk}
@@ -538,7 +569,7 @@ def main(argv=None) -> None:
                 sync(device)
                 f0 = minor_faults()
                 t0 = time.perf_counter()
-                values, particles, batch = iwae_all(model, x, args.k, rows, args.batch)
+                values, particles, batch = iwae_all(evaluator, x, args.k, rows, args.batch)
                 sync(device)
                 seconds = time.perf_counter() - t0
                 st_faults = minor_faults() - f0
@@ -566,7 +597,8 @@ def main(argv=None) -> None:
             print(f"{tag} samples/s, best: {n * args.k / fastest:,.0f} (median {n * args.k / med_s:,.0f})")
             print(f"{tag} achieved GFLOP/s, best: {achieved:.1f} (median {total_flops / med_s / 1e9:.1f})")
             print(f"{tag} GEMM GFLOP/s [{real_rows}x{inner}]x[{inner}x{outer}], best: {gemm_best:.1f} "
-                  f"(median {gemm_med:.1f})")
+                  f"(median {gemm_med:.1f}; the faster kernel of "
+                  + ", ".join(f"{name} {rate:.0f}" for name, rate in GEMM_KERNELS.items()) + " in the last timing)")
             print(f"{tag} matmul fraction, best / best: {fraction:.3f} "
                   f"(per repeat against the GEMM timed around it: {', '.join(f'{v:.3f}' for v in st['paired'])})")
             passes = math.ceil(n / batch) * math.ceil(args.k / particles)

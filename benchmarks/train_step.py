@@ -40,18 +40,27 @@ The difference measured is therefore the cost of expressing the model as a
 Pyro program (tracing, plates, distribution wrappers, ELBO bookkeeping) and of
 the toolkit's training-step wrapper, over the bare tensor computation.
 
+*Compiled*: with ``--compile on`` or ``both`` (the default) the toolkit's step also
+runs as ``fit --compile on`` runs it: the whole loss (Pyro's handlers, the objective,
+the streams' draws) captured once as one graph by ``ppl_genmodels.compiled.Static`` and
+compiled by ``torch.compile``, its backward included; the optimizer step is the same
+fused Adam. Its capture and compile time is printed with its warm-up, apart from the
+timed steps.
+
 Usage::
 
     python benchmarks/train_step.py [--repeats 7] [--steps 50] [--warmup 20] [--block K]
-                                    [--batch-size 128] [--n 4096]
+                                    [--batch-size 128] [--n 4096] [--compile off|on|both]
                                     [--device auto|cpu|cuda] [--threads N]
 
-The last line printed is ``median ratio (toolkit / hand-written): R``.
+The last lines printed are ``median ratio (toolkit / hand-written): R`` and
+``median ratio (toolkit compiled / hand-written): R``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import time
@@ -65,6 +74,7 @@ from torch.distributions import Normal
 
 from ppl_genmodels.inference.objectives import make_objective
 from ppl_genmodels.models.vae import VAE
+from ppl_genmodels.programs import Program
 from ppl_genmodels.streams import Streams
 from ppl_genmodels.train import Trainer
 
@@ -177,6 +187,8 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=4096, help="datapoints (default 4096)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
+    parser.add_argument("--compile", choices=("off", "on", "both"), default="both",
+                        help="time the toolkit's general step (off), its compiled step (on), or both (default)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.steps < 1 or args.batch_size < 1 or args.n < args.batch_size:
         parser.error("need repeats >= 1, steps >= 1, batch-size >= 1 and n >= batch-size")
@@ -207,11 +219,17 @@ def main(argv=None) -> None:
     copy_weights(vae, hand)
     objective = make_objective("trace", num_particles=1, max_plate_nesting=1)
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
-    toolkit = ToolkitStep(Trainer(vae, objective, torch.optim.Adam(vae.parameters(), lr=LR, **fused)),
-                          args.batch_size)
+    sides = {}  # name -> (step function, loss function)
+    for compiled in {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]:
+        program = Program(copy.deepcopy(vae)).accelerate(compile=compiled)
+        trainer = Trainer(program, objective, torch.optim.Adam(program.parameters(), lr=LR, **fused))
+        trainer.validate_next = False
+        name = "toolkit compiled" if compiled else "toolkit"
+        sides[name] = (ToolkitStep(trainer, args.batch_size), lambda b, p=program: objective.loss(p.model, p.guide, b))
     baseline = HandTrainer(hand, torch.optim.Adam(hand.parameters(), lr=LR, **fused))
+    sides["hand-written"] = (baseline.step, hand.loss)
 
-    # Same weights, same noise: the two objectives must give the same number.
+    # Same weights, same noise: the objectives must give the same number.
     with torch.no_grad():
         torch.manual_seed(SEED)
         lt = objective.loss(vae.model, vae.guide, batches[0]).item()
@@ -223,30 +241,38 @@ def main(argv=None) -> None:
         raise SystemExit("the two objectives disagree: the comparison would not be like for like")
 
     torch.manual_seed(SEED)
-    run_steps(toolkit, batches, 0, args.warmup, device)
-    run_steps(baseline.step, batches, 0, args.warmup, device)
-    done_steps = args.warmup  # per side; both sides see the same batch sequence
-    how = "toolkit then hand-written" if block == args.steps else f"alternating every {block} steps"
-    print(f"warm-up: {args.warmup} steps each; timing {args.repeats} repeats x {args.steps} steps each ({how})")
-    print(f"{'repeat':>6}  {'toolkit ms/step':>15}  {'hand-written ms/step':>20}  {'ratio':>6}")
+    for name, (step, _) in sides.items():
+        began = time.perf_counter()
+        run_steps(step, batches, 0, args.warmup, device)
+        print(f"warm-up of {name}: {args.warmup} steps in {time.perf_counter() - began:.1f} s"
+              + (f" (capturing and compiling the step: {step.trainer.compile_seconds:.1f} s)"
+                 if name == "toolkit compiled" else ""))
+    done_steps = args.warmup  # per side; every side sees the same batch sequence
+    how = "one side after the other" if block == args.steps else f"alternating every {block} steps"
+    print(f"timing {args.repeats} repeats x {args.steps} steps each ({how}); ms per step:")
+    print(f"{'repeat':>6}" + "".join(f"  {name:>16}" for name in sides)
+          + "".join(f"  {name + ' / hand':>22}" for name in sides if name != "hand-written"))
 
-    ratios = []
+    ratios = {name: [] for name in sides if name != "hand-written"}
     for r in range(args.repeats):
-        t = h = 0.0
+        seconds = dict.fromkeys(sides, 0.0)
         for first in range(0, args.steps, block):
             k = min(block, args.steps - first)
-            t += run_steps(toolkit, batches, done_steps, k, device)
-            h += run_steps(baseline.step, batches, done_steps, k, device)
+            for name, (step, _) in sides.items():
+                seconds[name] += run_steps(step, batches, done_steps, k, device)
             done_steps += k
-        ratios.append(t / h)
-        print(f"{r + 1:>6}  {1e3 * t / args.steps:>15.3f}  {1e3 * h / args.steps:>20.3f}  {t / h:>6.3f}")
+        for name in ratios:
+            ratios[name].append(seconds[name] / seconds["hand-written"])
+        print(f"{r + 1:>6}" + "".join(f"  {1e3 * t / args.steps:>16.3f}" for t in seconds.values())
+              + "".join(f"  {values[-1]:>22.3f}" for values in ratios.values()))
 
     with torch.no_grad():
-        ft = sum(objective.loss(vae.model, vae.guide, b).item() for b in batches) / (nb * args.batch_size)
-        fh = sum(hand.loss(b).item() for b in batches) / (nb * args.batch_size)
-    print(f"loss after {done_steps} steps (nats/datapoint, all batches): toolkit {ft:.2f}, hand-written {fh:.2f}")
-    print(f"median ratio (toolkit / hand-written): {statistics.median(ratios):.2f}")
-
+        final = {name: sum(loss(b).item() for b in batches) / (nb * args.batch_size)
+                 for name, (_, loss) in sides.items()}
+    print(f"loss after {done_steps} steps (nats/datapoint, all batches): "
+          + ", ".join(f"{name} {value:.2f}" for name, value in final.items()))
+    for name, values in ratios.items():
+        print(f"median ratio ({name} / hand-written): {statistics.median(values):.2f}")
 
 if __name__ == "__main__":
     main()

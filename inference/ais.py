@@ -64,6 +64,7 @@ from tqdm.auto import tqdm
 
 from ppl_genmodels.inference import hmc
 from ppl_genmodels.inference.adaptation import TARGET_ACCEPT, adapt_step_size
+from ppl_genmodels.compiled import static_path
 from ppl_genmodels.inference.importance import iwae_estimate
 from ppl_genmodels.traces import DATA_PLATE, LogJoint, TraceError, is_streams, observed_site, seeded_from
 
@@ -119,18 +120,26 @@ class AnnealedPoint(NamedTuple):
                              grad=self.grad_start + beta * (self.grad_target - self.grad_start))
 
 
+def _ends_and_grads(u: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None = None, *, streams=None,
+                    joint: LogJoint) -> tuple[torch.Tensor, ...]:
+    """(log_start, log_target, their gradients in u) at ``u``, detached: one pass of the pair."""
+    with torch.enable_grad():
+        pos = u.detach().requires_grad_(True)
+        log_start, log_target = joint.at(x, y)(pos)
+        (grad_start,) = torch.autograd.grad(log_start.sum(), pos, retain_graph=True)  # cheap: no decoder
+        (grad_target,) = torch.autograd.grad(log_target.sum(), pos)
+    return log_start.detach(), log_target.detach(), grad_start.detach(), grad_target.detach()
+
+
 def _evaluator(joint: LogJoint, beta: float) -> Callable[[torch.Tensor], AnnealedPoint]:
-    """``u -> AnnealedPoint`` at temperature ``beta``: one pass of the pair, both ends differentiated."""
+    """``u -> AnnealedPoint`` at temperature ``beta``; one graph where the program is compiled."""
+    compiled = static_path(_ends_and_grads, joint.model, "AIS log-joint and gradients", inner_grad=True)
+    ends_and_grads = compiled or _ends_and_grads
 
     def evaluate(u: torch.Tensor) -> AnnealedPoint:
-        with torch.enable_grad():
-            pos = u.detach().requires_grad_(True)
-            log_start, log_target = joint(pos)
-            (grad_start,) = torch.autograd.grad(log_start.sum(), pos, retain_graph=True)  # cheap: no decoder
-            (grad_target,) = torch.autograd.grad(log_target.sum(), pos)
-        point = AnnealedPoint(pos.detach(), log_start.detach(), grad_start, log_start.detach(), log_target.detach(),
-                              grad_start, grad_target)
-        return point.at(beta)
+        log_start, log_target, grad_start, grad_target = ends_and_grads(u, joint.x, joint.y, joint=joint)
+        return AnnealedPoint(u.detach(), log_start, grad_start, log_start, log_target, grad_start,
+                             grad_target).at(beta)
 
     return evaluate
 

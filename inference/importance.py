@@ -63,6 +63,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ppl_genmodels import traces
+from ppl_genmodels.compiled import static_path
 from ppl_genmodels.traces import is_streams, log_mean_exp, seeded_from
 
 __all__ = [
@@ -235,6 +236,12 @@ class ImportanceAccumulator:
 
 
 @torch.no_grad()
+def _chunk_weights(x, y, *, streams=None, model, guide, num_particles: int, proposal: str, nesting: int):
+    """log w of one chunk of particles  # [num_particles, batch] (the same call as its compiled twin's)."""
+    with seeded_from(streams):
+        return traces.log_weights(model, guide, x, y, num_particles=num_particles, proposal=proposal, nesting=nesting)
+
+
 def streaming_estimates(model, guide, x, y=None, *, k: int = 100, chunk_size: int | None = 1000,
                         proposal: str = "guide", generator=None) -> tuple[Estimate, Estimate]:
     """ELBO and IWAE-k for one batch of data from the same k particles, ``chunk_size`` at a time.
@@ -258,15 +265,15 @@ def streaming_estimates(model, guide, x, y=None, *, k: int = 100, chunk_size: in
     nesting = traces.max_plate_nesting(model, guide, x, y)
     acc = ImportanceAccumulator()
     streams = is_streams(generator)
+    chunk_weights = static_path(_chunk_weights, model, "log-weights of a particle chunk") or _chunk_weights
     with seeded_from(None if streams else generator):  # a torch.Generator: one seed for every chunk
         done = 0
         while done < k:
             size = min(chunk, k - done)
             if streams:
                 generator.particle_offset = done  # this chunk's particles are done .. done + size - 1
-            with seeded_from(generator if streams else None):
-                acc.update(traces.log_weights(model, guide, x, y, num_particles=size, proposal=proposal,
-                                              nesting=nesting))
+            acc.update(chunk_weights(x, y, streams=generator if streams else None, model=model, guide=guide,
+                                     num_particles=size, proposal=proposal, nesting=nesting))
             done += size
     stats = acc.result()
     seconds = time.perf_counter() - start

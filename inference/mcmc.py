@@ -55,6 +55,7 @@ from ppl_genmodels.inference.adaptation import (
     window_adaptation_init,
     window_adaptation_update,
 )
+from ppl_genmodels.compiled import static_path
 from ppl_genmodels.traces import LogJoint, is_streams, seeded_from
 
 __all__ = ["MCMCResult", "MCMC_METHODS", "RHAT_THRESHOLD", "hmc_posterior", "nuts_posterior", "diagnostics"]
@@ -138,6 +139,27 @@ def _count_generator(generator) -> torch.Generator | None:
     return generator
 
 
+def _target_and_grad(u: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None = None, *, streams=None,
+                     joint: LogJoint) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(x, z(u) | y) + log|J|  # [chains, batch], and its gradient in u  # [chains, batch, dim], detached."""
+    with torch.enable_grad():
+        pos = u.detach().requires_grad_(True)
+        value = joint.at(x, y).log_target(pos)
+        (grad,) = torch.autograd.grad(value.sum(), pos)
+    return value.detach(), grad.detach()
+
+
+def _evaluator(joint: LogJoint) -> Callable[[torch.Tensor], hmc.HMCState]:
+    """``u -> HMCState`` of the joint's target: one graph (value and gradient) where the program is compiled."""
+    compiled = static_path(_target_and_grad, joint.model, "HMC log-joint and gradient", inner_grad=True)
+    target_and_grad = compiled or _target_and_grad
+
+    def evaluate(u: torch.Tensor) -> hmc.HMCState:
+        return hmc.HMCState(u.detach(), *target_and_grad(u, joint.x, joint.y, joint=joint))
+
+    return evaluate
+
+
 def _jittered(num_leapfrog: int, generator: torch.Generator | None) -> int:
     """A number of leapfrog steps drawn uniformly from 1 .. 2L - 1 (mean L).
 
@@ -198,16 +220,17 @@ def hmc_posterior(
     divergent = torch.zeros(num_chains, x.shape[0], dtype=torch.long)
     with pyro.validation_enabled(False), tqdm(total=warmup + num_samples, desc="HMC", unit="it",
                                               disable=not progress, leave=False) as bar:
-        state, adapt = hmc.init(u, joint.log_target), window_adaptation_init(u, step_size)
+        evaluate = _evaluator(joint)
+        state, adapt = evaluate(u), window_adaptation_init(u, step_size)
         for stage in warmup_schedule(warmup):
-            state, info = hmc.step(state, joint.log_target, adapt.step_size, adapt.inverse_mass,
-                                   _jittered(num_leapfrog, counts), generator=kernel)
+            state, info = hmc.transition(state, evaluate, adapt.step_size, adapt.inverse_mass,
+                                         _jittered(num_leapfrog, counts), generator=kernel)
             adapt = window_adaptation_update(adapt, stage, state.position, info.accept_rate, target_accept)
             bar.update(1)
         eps, inverse_mass = window_adaptation_final(adapt)
         for _ in range(num_samples):
-            state, info = hmc.step(state, joint.log_target, eps, inverse_mass, _jittered(num_leapfrog, counts),
-                                   generator=kernel)
+            state, info = hmc.transition(state, evaluate, eps, inverse_mass, _jittered(num_leapfrog, counts),
+                                         generator=kernel)
             draws.append(state.position)
             accept = accept + info.accept_rate
             divergent = divergent + info.divergent.long().cpu()

@@ -73,22 +73,28 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch
 
 #: ``--compile``: always, never, or where it pays (:func:`compiles`)
 COMPILE_CHOICES = ("auto", "on", "off")
-#: optimizer steps from which ``--compile auto`` compiles a CUDA run's networks (compiling costs seconds, once)
-COMPILE_MIN_STEPS = 2000
+#: optimizer steps from which ``--compile auto`` compiles a run's training step (compiling costs seconds, once)
+COMPILE_MIN_STEPS = 5000
+#: model passes (particles or AIS leapfrog evaluations, times datapoints) from which it compiles an evaluation
+COMPILE_MIN_ROWS = 20_000_000
 
 
-def compiles(setting, device: torch.device, steps: int) -> bool:
-    """Whether ``--compile SETTING`` compiles the networks of a job of ``steps`` optimizer steps on ``device``.
+def compiles(setting, device: torch.device, steps: int, rows: int = 0) -> bool:
+    """Whether ``--compile SETTING`` compiles the hot paths of a job on ``device``.
 
-    ``auto`` compiles on CUDA for runs of at least :data:`COMPILE_MIN_STEPS` steps, never on the CPU: on a
-    2-core CPU, an SVI step of the MNIST VAE 784-400-50 took 6.0 ms with compiled networks against 5.2 ms
-    eager, after 4.8 s of compiling. ``True``/``False`` (configurations written before the three
-    settings) mean ``on``/``off``.
+    ``steps``: the optimizer steps of a training job; ``rows``: the model passes of an
+    evaluation (a datapoint's particle or leapfrog evaluation each). ``auto`` compiles a
+    training job of at least :data:`COMPILE_MIN_STEPS` steps and an evaluation of at least
+    :data:`COMPILE_MIN_ROWS` rows: compiling costs seconds once per process (much more on a
+    cold cache), and on a 2-core CPU the compiled SVI step of the MNIST VAE 784-400-50 saved
+    about 1 ms in 5 (the README's figures), so it pays on long jobs only. ``device`` is
+    kept for a rule per device once GPU figures exist. ``True``/``False`` (configurations
+    written before the three settings) mean ``on``/``off``.
     """
     setting = _compile_setting(setting)
     if setting != "auto":
         return setting == "on"
-    return torch.device(device).type == "cuda" and steps >= COMPILE_MIN_STEPS
+    return steps >= COMPILE_MIN_STEPS or rows >= COMPILE_MIN_ROWS
 
 
 def _compile_setting(value):
@@ -194,10 +200,11 @@ class RunConfig:
     precision: str = option("fp32", "precision of the networks: bf16 runs them under torch.autocast, with "
                                     "log-densities, log-sum-exp and accumulators kept in float32",
                             choices=PRECISIONS, resumable=True)
-    compile: str = option("auto", "compile the model's networks with torch.compile (Pyro's handlers stay eager; "
-                                  "eager with a warning where compiling fails): on, off, or auto, where it pays "
-                                  "(CUDA runs of at least 2,000 optimizer steps; never on the CPU, where it ran "
-                                  "slower)", choices=COMPILE_CHOICES, resumable=True)
+    compile: str = option("auto", "run the hot paths (the training step, IWAE's particle chunks, the HMC/AIS "
+                                  "log-joint) as one captured graph each, compiled with torch.compile; a program "
+                                  "that is not static runs as written, with a warning: on, off, or auto, where it "
+                                  "pays (training runs of at least 5,000 optimizer steps; long evaluations)",
+                          choices=COMPILE_CHOICES, resumable=True)
     processes: int = option(1, "processes that trained the run (the latest start or resume): under torchrun, "
                                "each took batch_size datapoints of every global batch", cli=False, resumable=True)
     global_batch_size: int | None = option(None, "datapoints per optimizer step over all processes "

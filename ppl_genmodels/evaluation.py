@@ -71,6 +71,7 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from ppl_genmodels import distributed, tables
+from ppl_genmodels.config import compiles
 from ppl_genmodels.data import Split
 from ppl_genmodels.inference import ais as ais_module
 from ppl_genmodels.inference.importance import (PAD, ROWS_PER_PASS, Estimate, batched_estimates, padded_passes,
@@ -291,6 +292,15 @@ def _ais_columns(model, points: _Points, steps, *, chains, start, batch_size, ro
     return tables.concat(parts), seconds
 
 
+def _passes_per_datapoint(spec: EstimatorSpec, chains: int) -> int:
+    """Model passes an estimator makes per datapoint: k particles, or steps x chains x the AIS leapfrog steps."""
+    if spec.kind in ("elbo", "iwae"):
+        return spec.size or 0
+    if spec.kind == "ais":
+        return spec.size * chains * ais_module.ais.__kwdefaults__["num_leapfrog"]  # the leapfrog steps AIS runs
+    return 0
+
+
 def _resolve_estimators(model, estimators, k) -> list[EstimatorSpec]:
     """The estimator specs to run: from ``estimators`` or ``k``, plus ``exact`` where the model has one."""
     if k is not None:
@@ -412,6 +422,9 @@ def evaluate_run(run, *, estimators=None, k: int | None = None, split: str = "te
     total = len(part.x) if n is None else min(n, len(part.x))
     if total < 1:
         raise ValueError(f"nothing to evaluate: split {split!r} has {len(part.x)} datapoints")
+    rows = total * sum(_passes_per_datapoint(spec, chains) for spec in specs)
+    model.accelerate(precision=model.acceleration["precision"],
+                     compile=compiles(getattr(run.config, "compile", "off"), run.device, steps=0, rows=rows))
     if save:
         name = distributed.agree(lambda: run.new_result_name("evaluation", name, default=default_name))
     start, stop = distributed.shard(total)

@@ -28,8 +28,10 @@ exists when the optimizer is built; one that appears only on some later call (a
 branch the first datapoints never take) is adopted then, but the optimizer
 built at the start does not update it.
 
-:meth:`Program.accelerate` runs the program's *networks* in bfloat16 and/or
-compiled, and leaves everything Pyro does as it was. The networks are found
+:meth:`Program.accelerate` runs the program's *networks* in bfloat16, and
+marks the program for the compiled hot paths (``compile=True``: see
+:mod:`ppl_genmodels.compiled`, which captures the whole of a step, Pyro's
+handlers included, as one graph). The networks are found
 from the user's module down: each immediate child module with parameters is a
 candidate (a child whose class has no ``forward`` of its own, an
 ``nn.ModuleList`` or ``nn.ModuleDict``, is looked through to its own children).
@@ -42,8 +44,7 @@ on, a network runs under ``torch.autocast(device_type, dtype=torch.bfloat16)``
 (the autocast lists of PyTorch decide which of its operations run in bfloat16:
 https://pytorch.org/docs/stable/amp.html) and its floating outputs are cast back
 to its parameters' dtype, so every distribution, log-density, log-sum-exp and
-accumulator outside the networks stays float32; compiled, its ``forward`` is
-replaced by ``torch.compile`` of it, Pyro's handlers stay eager. Parameters the
+accumulator outside the networks stays float32. Parameters the
 program uses outside a network (``pyro.param`` values, a module's own
 ``nn.Parameter``\\ s, as in PPCA) stay float32; a network's layers called one by
 one from outside it (``MLP.features``) run as written.
@@ -179,18 +180,19 @@ class Program(nn.Module):
         return dict(self._acceleration)
 
     def accelerate(self, *, precision: str = "fp32", compile: bool = False) -> "Program":
-        """Run the program's networks in ``precision`` (``"fp32"`` or ``"bf16"``), compiled or not; returns self.
+        """Run the program's networks in ``precision`` (``"fp32"`` or ``"bf16"``), and its hot paths compiled or not.
 
         The networks, how their first call finds them and what runs in bfloat16 are
-        described in the module docstring. Each call replaces the previous settings
-        (the networks are found afresh); ``accelerate()`` gives back the program as
-        it was built. Only the networks' ``forward`` changes (an instance attribute,
-        in no ``state_dict``): parameters, :meth:`state`, checkpoints and ``to(device)``
-        are the same whatever the settings, and ``torch.compile`` of a bound
-        ``forward`` adds no ``_orig_mod.`` prefix to any key. Where compiling fails
-        (no C++ compiler, a graph ``torch.compile`` cannot capture), that network
-        runs eagerly from then on, with a warning. A program with no networks is left
-        as it is, with a warning.
+        described in the module docstring. ``compile=True`` marks the program for the
+        compiled hot paths (:mod:`ppl_genmodels.compiled`): the training step, the
+        log-weights of a particle chunk and the HMC/AIS log-joint then run as one
+        captured, compiled graph each, falling back to the general path where the
+        program is not static. Each call replaces the previous settings (the networks
+        are found afresh); ``accelerate()`` gives back the program as it was built.
+        Only the networks' ``forward`` changes (an instance attribute, in no
+        ``state_dict``): parameters, :meth:`state`, checkpoints and ``to(device)``
+        are the same whatever the settings. A program with no networks is left as it
+        is in bf16, with a warning.
         """
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -201,14 +203,14 @@ class Program(nn.Module):
                 if isinstance(wrapper, _Network):
                     wrapper.remove()
         self._acceleration = {"precision": precision, "compile": compile}
-        if precision == "fp32" and not compile:
+        if precision == "fp32":
             return self
         networks = _candidates(self.module) if isinstance(self.module, nn.Module) else []
         if not networks:
             warnings.warn(f"model {type(self.module).__name__} has no networks (child modules with parameters) "
-                          f"for precision {precision} or compile to act on; it runs as it is")
+                          f"for precision {precision} to act on; it runs as it is")
         for module in networks:
-            _Network.install(module, precision, compile)
+            _Network.install(module, precision)
         return self
 
     def model(self, x, y=None):
@@ -257,20 +259,34 @@ class Program(nn.Module):
         the block has gradients only through its inputs (e.g. reparameterised latents),
         never to a parameter. Everything is restored when the block ends.
         """
+        with self.parameters_replaced(lambda p: p.detach()):
+            yield self
+
+    @contextlib.contextmanager
+    def parameters_replaced(self, replace: Callable[[torch.Tensor], torch.Tensor], *, buffers: bool = False):
+        """A block in which each parameter ``p`` of the program (module and ``pyro.param``) reads as ``replace(p)``.
+
+        ``replace`` is called once per parameter; the same parameter reached twice (a
+        module's weight that ``pyro.param`` also returns) gets the same replacement.
+        ``buffers=True`` replaces the modules' buffers too. Everything is restored when
+        the block ends.
+        """
         copies: dict[int, torch.Tensor] = {}
 
-        def detached(p: torch.Tensor) -> torch.Tensor:
+        def replaced(p: torch.Tensor) -> torch.Tensor:
             if id(p) not in copies:
-                copies[id(p)] = p.detach()
+                copies[id(p)] = replace(p)
             return copies[id(p)]
 
         saved = [(m._parameters, dict(m._parameters)) for m in self.modules()]
+        if buffers:
+            saved += [(m._buffers, dict(m._buffers)) for m in self.modules()]
         store = dict(self._store["params"])
         for table, original in saved:
-            table.update({name: detached(p) for name, p in original.items() if p is not None})
-        self._store["params"] = {name: detached(p) for name, p in store.items()}
+            table.update({name: replaced(p) for name, p in original.items() if p is not None})
+        self._store["params"] = {name: replaced(p) for name, p in store.items()}
         try:
-            with warnings.catch_warnings():  # pyro.module skips (and warns of) the detached copies: as meant here
+            with warnings.catch_warnings():  # pyro.module skips (and warns of) replacements without a gradient
                 warnings.filterwarnings("ignore", message=".*not registered in the param store because requires_grad")
                 yield self
         finally:
@@ -374,36 +390,29 @@ def _cast_floats(out, dtype: torch.dtype):
 
 
 class _Network:
-    """The ``forward`` of one candidate network under :meth:`Program.accelerate`.
+    """The ``forward`` of one candidate network under :meth:`Program.accelerate` in bfloat16.
 
     Set as the module's instance attribute ``forward`` (``nn.Module.__call__`` calls
     it, hooks included), so nothing enters the ``state_dict``. ``kind`` is None until
     the first call decides it (see the module docstring); a container gives its
-    ``forward`` back and hands the role to its own children. ``compiled``: None
-    until the first compiled call, False once compiling failed.
+    ``forward`` back and hands the role to its own children.
     """
 
-    def __init__(self, module: nn.Module, precision: str, compile: bool):
-        self.module, self.precision, self.compile = module, precision, compile
+    def __init__(self, module: nn.Module, precision: str):
+        self.module, self.precision = module, precision
         self.previous = module.__dict__.get("forward")  # a forward the user set on the instance, if any
         self.kind: str | None = None
-        self.compiled = None
 
     @classmethod
-    def install(cls, module: nn.Module, precision: str, compile: bool) -> None:
+    def install(cls, module: nn.Module, precision: str) -> None:
         if not isinstance(module.__dict__.get("forward"), cls):
-            module.__dict__["forward"] = cls(module, precision, compile)
+            module.__dict__["forward"] = cls(module, precision)
 
     def remove(self) -> None:
         if self.previous is None:
             self.module.__dict__.pop("forward", None)
         else:
             self.module.__dict__["forward"] = self.previous
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)  # a copy (deepcopy, pickle) compiles its own module again
-        state["compiled"] = None if state["compiled"] is not False else False
-        return state
 
     def eager(self) -> Callable:
         """The module's own ``forward``, bound."""
@@ -412,11 +421,9 @@ class _Network:
     def __call__(self, *args, **kwargs):
         if self.kind is None:
             return self._first(args, kwargs)
-        if self.precision == "fp32":
-            return self._run(args, kwargs)
         parameter = next(self.module.parameters())
         with torch.autocast(parameter.device.type, dtype=torch.bfloat16):
-            out = self._run(args, kwargs)
+            out = self.eager()(*args, **kwargs)
         return _cast_floats(out, parameter.dtype)
 
     def _first(self, args, kwargs):
@@ -427,21 +434,7 @@ class _Network:
             self.kind = "container"
             self.remove()
             for child in _candidates(self.module):
-                _Network.install(child, self.precision, self.compile)
+                _Network.install(child, self.precision)
         else:
             self.kind = "network"
         return out
-
-    def _run(self, args, kwargs):
-        if not self.compile or self.compiled is False:
-            return self.eager()(*args, **kwargs)
-        try:
-            if self.compiled is None:
-                self.compiled = torch.compile(self.eager())
-            return self.compiled(*args, **kwargs)
-        except Exception as err:
-            out = self.eager()(*args, **kwargs)  # a network that fails eagerly too raises its own error here
-            self.compiled = False
-            warnings.warn(f"torch.compile failed on {type(self.module).__name__} ({type(err).__name__}: "
-                          f"{first_line(err, '')}); it runs eagerly")
-            return out

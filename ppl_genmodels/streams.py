@@ -118,9 +118,28 @@ class Streams:
         self.index = index.to(device) if device is not None else index
         self.base = _mix_int(_mix_int(self.seed) ^ stable_hash(self.purpose))
         self.keys = mix(self.index ^ self.base)  # [batch]
+        self.base_key = torch.full((), self.base, dtype=torch.int64, device=self.index.device)
         self.particle_offset = 0
         self.exact = True
         self._draws = 0
+
+    # --- the state a captured graph takes as inputs (ppl_genmodels.compiled) -----------------------------------
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tensors every draw is computed from: the keys, the shared key and the particle offset."""
+        offset = torch.tensor(self.particle_offset, dtype=torch.int64)
+        return self.keys, self.base_key, offset
+
+    def with_state(self, keys: torch.Tensor, base_key: torch.Tensor, offset: torch.Tensor) -> "Streams":
+        """A copy whose draws are computed from these tensors instead (graph inputs while a graph is captured).
+
+        Python-side counters (``exact``, the draw counter) start as this object's; a caller
+        copies them back after the draws.
+        """
+        copy = object.__new__(Streams)
+        copy.__dict__.update(self.__dict__)
+        copy.keys, copy.base_key, copy.particle_offset = keys, base_key, offset
+        return copy
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
@@ -145,7 +164,7 @@ class Streams:
         device = self.keys.device
         draw = _mix_int(tag)
         if data_dim is None:
-            keys = torch.full((), self.base, dtype=torch.int64, device=device)
+            keys = self.base_key
         else:
             data_dim %= len(shape)
             if shape[data_dim] != len(self):

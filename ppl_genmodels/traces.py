@@ -27,6 +27,8 @@ runs the particles one at a time for models that do not broadcast.
 
 from __future__ import annotations
 
+import copy
+
 import contextlib
 import math
 from dataclasses import dataclass
@@ -473,6 +475,18 @@ class LogJoint:
     @property
     def dim(self) -> int:
         return self.layout.dim
+
+    def at(self, x: torch.Tensor, y: torch.Tensor | None = None) -> "LogJoint":
+        """The same densities on other data of the same shapes (the layout is kept, not traced again)."""
+        other = copy.copy(self)
+        other.x, other.y = x, y
+        return other
+
+    def static_key(self) -> tuple:
+        """What, besides the data's shapes, the computation of these densities depends on (a compiled graph's key)."""
+        sites = tuple((s.name, tuple(s.event_shape), tuple(s.unconstrained_shape), type(s.transform).__name__)
+                      for s in self.layout.sites)
+        return self.model, self.guide, self.start, self.nesting, sites
 
     def _trace(self, program: Callable, values: dict, chains: int):
         conditioned = _in_particle_plate(poutine.condition(program, data=values), chains, self.particle_dim)

@@ -43,6 +43,7 @@ from ppl_genmodels.config import (OPTIMIZERS, ConfigError, RunConfig, build_mode
 from ppl_genmodels.evaluation import evaluate_run
 from ppl_genmodels.inference.objectives import kl_weight, make_objective
 from ppl_genmodels.plots import plot_run
+from ppl_genmodels.compiled import Static
 from ppl_genmodels.programs import Program
 from ppl_genmodels.runs import Run, load_checkpoint, save_checkpoint, write_csv
 from ppl_genmodels.streams import Streams
@@ -129,9 +130,18 @@ class _Loss(nn.Module):
         super().__init__()
         self.program = program
         self.objective = objective
+        # the whole loss as one compiled graph (ppl_genmodels.compiled), for a program marked for it
+        compiled = isinstance(program, Program) and program.acceleration["compile"]
+        self.static = Static(self._loss, program, label="the training step") if compiled else None
 
-    def forward(self, x, y=None):
-        return self.objective.loss(self.program.model, self.program.guide, x, y)
+    def forward(self, x, y=None, streams: Streams | None = None):
+        if self.static is None:
+            return self._loss(x, y, streams=streams)
+        return self.static(x, y, streams=streams, kl_weight=getattr(self.objective, "kl_weight", None))
+
+    def _loss(self, x, y, *, streams=None, **_):
+        with streams.draws() if streams is not None else contextlib.nullcontext():
+            return self.objective.loss(self.program.model, self.program.guide, x, y)
 
 
 def _has_unused(module: nn.Module, x, y) -> bool:
@@ -171,6 +181,12 @@ class Trainer:
                 self.loss_module, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=probe is None or _has_unused(self.loss_module, *probe))
 
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent capturing and compiling the training step so far (0 when it is not compiled)."""
+        static = self.loss_module.static
+        return 0.0 if static is None else static.seconds
+
     def step(self, x, y=None, *, streams: Streams | None = None, scale: float | None = None) -> torch.Tensor:
         """One gradient step on the loss times ``scale`` (default 1 / batch).
 
@@ -178,8 +194,8 @@ class Trainer:
         when it is NaN or infinite on any rank, no parameter changed. ``streams``: the
         datapoints' random streams (default: torch's global generator).
         """
-        with pyro.validation_enabled(self.validate_next), (streams.draws() if streams else contextlib.nullcontext()):
-            loss = (self.ddp or self.loss_module)(x, y)
+        with pyro.validation_enabled(self.validate_next):
+            loss = (self.ddp or self.loss_module)(x, y, streams)
         self.validate_next = False
         self.optimizer.zero_grad(set_to_none=True)
         (loss * (1.0 / x.shape[0] if scale is None else scale)).backward()

@@ -1,0 +1,407 @@
+"""The hot paths of a static program as one compiled graph, with a guard and the general path behind it.
+
+Most model/guide pairs are *static*: given the shapes of their inputs, every call
+runs the same sample sites, plates and tensor operations; only the values differ
+(every built-in model, and most users'). For such a pair, everything Pyro does in
+Python on each call (messengers, traces, plates, distribution objects) computes
+nothing new. :class:`Static` runs a function of the program's parameters (the SVI
+loss of a minibatch, the log-weights of a particle chunk, the log-joint HMC and
+AIS evaluate) once with ``torch.fx``'s ``make_fx`` in fake-tensor mode, Pyro's
+handlers and all, and keeps only the tensor operations it recorded: one graph,
+which ``torch.compile`` (Inductor) then turns into fused kernels, its backward
+included. Later calls with the same *signature* run that graph and never enter
+Pyro.
+
+What makes this safe:
+
+- **Inputs, not constants.** The program's parameters (module and ``pyro.param``,
+  swapped in with :meth:`Program.parameters_replaced`) and the per-datapoint
+  random streams' state (:meth:`Streams.state`: keys, shared key, particle offset)
+  are inputs of the graph, so an optimizer step, a new batch or the next chunk of
+  particles need no new capture. A draw from torch's own generator is recorded as
+  a random operation and draws afresh on every call.
+- **The guard.** A graph is used only for calls with its signature: the shapes,
+  dtypes and devices of the inputs, the parameters' names and shapes, grad mode,
+  the program's ``training`` flag, the streams' size and draw counter, and a
+  caller's ``key`` for any Python value the function reads (a KL weight, a
+  particle count). A new signature is captured anew (at most ``max_signatures``
+  per :class:`Static`; after that the general path runs).
+- **Data-dependent Python fails the capture.** In fake-tensor mode no value
+  exists, so a branch on a tensor's value, ``.item()`` or ``.tolist()`` raises,
+  and the program runs the general path from then on, with one warning. So does a
+  graph that reads a parameter as a constant (a parameter the swap did not reach)
+  or writes into one of its constants in place.
+- **Falling back.** If Inductor cannot compile the graph, the recorded graph runs
+  eagerly (still without Pyro's per-call cost), with one warning.
+
+What a capture cannot see, and a user of a dynamic program should know: Python
+state the program reads besides its inputs (a global counter, a random choice in
+Python, an attribute changed between calls) is frozen at its captured value.
+Such programs should run with ``--compile off``. With Pyro's validation on, the
+first call of each signature runs the general path, so that Pyro's checks see real
+values once (as the training loop validates its first step only); the graph is
+captured, with validation off, on the next call.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+import weakref
+from typing import Callable
+
+import pyro
+from pyro.infer.util import is_validation_enabled
+import torch
+from torch import nn
+
+from ppl_genmodels.programs import Program
+from ppl_genmodels.traces import first_line
+
+__all__ = ["Static", "StaticError", "owner", "static_path"]
+
+
+class StaticError(RuntimeError):
+    """A function cannot be captured as one static graph (the reason in one line)."""
+
+
+def owner(fn: Callable) -> Program | None:
+    """The :class:`Program` whose bound ``model``/``guide`` ``fn`` is, or None (a plain function)."""
+    program = getattr(fn, "__self__", None)
+    return program if isinstance(program, Program) else None
+
+
+_SHARED: "weakref.WeakKeyDictionary[Program, dict[str, Static]]" = weakref.WeakKeyDictionary()
+
+
+def static_path(fn: Callable, model: Callable, label: str, *, inner_grad: bool = False) -> "Static | None":
+    """The program's own :class:`Static` of ``fn`` under ``label``, when ``model`` belongs to a compiled program.
+
+    None when ``model`` is not a :class:`Program`'s bound method or its program was not
+    marked with ``accelerate(compile=True)``: the caller then runs the general path.
+    One :class:`Static` per (program, label) lives as long as the program, so the
+    graphs it captured serve every later call (every pass of an evaluation).
+    """
+    program = owner(model)
+    if program is None or not program.acceleration["compile"]:
+        return None
+    table = _SHARED.setdefault(program, {})
+    if label not in table:
+        table[label] = Static(fn, program, label=label, inner_grad=inner_grad)
+    return table[label]
+
+
+def _static_key(value):
+    """What of an option enters a signature: its ``static_key()`` where it has one, else the value itself."""
+    key = getattr(value, "static_key", None)
+    return ("object", type(value).__qualname__, key()) if callable(key) else value
+
+
+def _describe(value) -> tuple:
+    if value is None:
+        return ("none",)
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.dtype, value.device, value.requires_grad)
+    raise TypeError(f"a Static function takes tensors (or None), got {type(value).__name__}")
+
+
+class _Entry:
+    """One signature's graph: captured, then compiled on its first call (or run eagerly)."""
+
+    def __init__(self, graph: torch.fx.GraphModule, exact: bool, draws: int):
+        self.graph = graph
+        self.exact, self.draws = exact, draws  # what the streams' Python counters did during the capture
+        self.run: Callable | None = None
+
+
+class Static:
+    """``fn(*tensors, streams=..., **options)`` of a program's parameters, captured once per signature and compiled.
+
+    ``fn`` runs Pyro code (the program's ``model``/``guide``, an objective, ``log_weights``)
+    and returns a tensor or a tuple of tensors; ``streams`` is the per-datapoint
+    :class:`~ppl_genmodels.streams.Streams` it draws from (or None: torch's generator).
+    ``compile=False`` keeps the recorded graph eager (no Inductor). ``inner_grad=True``
+    is for an ``fn`` that takes its own gradients (``torch.autograd.grad``, e.g. a
+    log density and its gradient for HMC) and returns values that need none: the
+    backward operations are recorded into the graph as plain operations, and the graph
+    runs without autograd (its outputs carry no gradient). Otherwise the graph keeps
+    ``fn``'s grad-mode blocks (``torch.no_grad`` inside ``fn`` stays in force) and
+    gradients flow through it to the parameters. ``label`` names the path in warnings.
+    ``seconds`` adds up the time spent capturing and compiling (paid on the first call
+    of each signature); ``fallback`` holds the reason once the general path has taken
+    over for good.
+    """
+
+    def __init__(self, fn: Callable, program: Program, *, label: str, compile: bool = True,
+                 inner_grad: bool = False, max_signatures: int = 8):
+        if not isinstance(program, Program):
+            raise TypeError("Static needs the Program whose parameters the function reads")
+        self.fn, self.program, self.label = fn, program, label
+        self.compile, self.inner_grad, self.max_signatures = bool(compile), bool(inner_grad), int(max_signatures)
+        self.entries: dict[tuple, _Entry] = {}
+        self.validated: set[tuple] = set()  # signatures whose first call ran with Pyro's validation on
+        self.fallback: str | None = None
+        self.seconds = 0.0
+
+    # --- the call -------------------------------------------------------------------------------------------
+
+    def __call__(self, *tensors, streams=None, **options):
+        """``fn(*tensors, streams=streams, **options)``, from the graph of this signature when there is one.
+
+        ``options``: the Python values ``fn`` reads (a particle count, a KL weight, an
+        object with a ``static_key()`` method); part of the signature.
+        """
+        if self.fallback is not None:
+            return self.fn(*tensors, streams=streams, **options)
+        named = self._tensors()
+        signature = self._signature(named, tensors, streams, options)
+        entry = self.entries.get(signature)
+        if entry is None:
+            if is_validation_enabled() and signature not in self.validated:
+                self.validated.add(signature)  # the first call of a signature runs as written, Pyro's checks on
+                return self.fn(*tensors, streams=streams, **options)
+            if len(self.entries) >= self.max_signatures:
+                self._give_up(f"more than {self.max_signatures} different signatures (shapes or settings)")
+                return self.fn(*tensors, streams=streams, **options)
+            began = time.perf_counter()
+            try:
+                with pyro.validation_enabled(False):  # the checks look at values, which a capture does not have
+                    entry = self._capture(named, tensors, streams, options)
+            except Exception as err:  # anything the capture cannot take: the general path, for good
+                self._give_up(_reason(err))
+                return self.fn(*tensors, streams=streams, **options)
+            finally:
+                self.seconds += time.perf_counter() - began
+            self.entries[signature] = entry
+        return self._run(entry, named, tensors, streams)
+
+    def _tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """The program's parameters and buffers, by name: inputs of every graph."""
+        return [*self.program.named_parameters(), *(("buffer:" + n, b) for n, b in self.program.named_buffers())]
+
+    def _signature(self, named, tensors, streams, options) -> tuple:
+        params = tuple((name, tuple(p.shape), p.dtype, p.device, p.requires_grad) for name, p in named)
+        stream = None if streams is None else (len(streams), streams.keys.device, streams._draws)
+        settings = tuple(sorted((name, _static_key(value)) for name, value in options.items()))
+        return (tuple(_describe(t) for t in tensors), params, stream, settings,
+                torch.is_grad_enabled() and not self.inner_grad,
+                torch.is_inference_mode_enabled(), self.program.training, torch.is_autocast_enabled())
+
+    def _give_up(self, reason: str) -> None:
+        self.fallback = reason
+        self.entries.clear()
+        warnings.warn(f"{self.label}: the compiled path is off for this program ({reason}); it runs as written",
+                      stacklevel=3)
+
+    # --- capture --------------------------------------------------------------------------------------------
+
+    def _capture(self, named, tensors, streams, options) -> _Entry:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        originals = [p for _, p in named]
+        seen: dict = {}
+
+        def flat(params, inputs, state):
+            by_id = {id(p): value for p, value in zip(originals, params)}
+            proxy = None if streams is None else streams.with_state(*state)
+            with self.program.parameters_replaced(lambda p: by_id.get(id(p), p), buffers=True):
+                out = self.fn(*inputs, streams=proxy, **options)
+            if proxy is not None:
+                seen.update(exact=proxy.exact, draws=proxy._draws - streams._draws)
+            return out
+
+        state = () if streams is None else streams.state()
+        # pre-dispatch tracing records grad-mode changes (no_grad blocks) as graph nodes; an fn that takes its
+        # own gradients is traced below autograd instead, so that its backward operations enter the graph
+        graph = make_fx(flat, tracing_mode="fake", pre_dispatch=not self.inner_grad)(originals, list(tensors),
+                                                                                       list(state))
+        _check_constants(graph, originals)
+        if self.compile:
+            _use_onednn(graph)
+        return _Entry(graph, seen.get("exact", True), seen.get("draws", 0))
+
+    # --- run ------------------------------------------------------------------------------------------------
+
+    def _run(self, entry: _Entry, named, tensors, streams):
+        args = ([p for _, p in named], list(tensors), [] if streams is None else list(streams.state()))
+        if self.inner_grad:
+            with torch.no_grad():
+                return self._call(entry, args, streams)
+        return self._call(entry, args, streams)
+
+    def _call(self, entry: _Entry, args, streams):
+        if entry.run is None:
+            entry.run = entry.graph
+            if self.compile:
+                began = time.perf_counter()
+                try:
+                    compiled = torch.compile(entry.graph, dynamic=False)
+                    out = compiled(*args)
+                    entry.run = compiled
+                    return self._after(entry, streams, out)
+                except Exception as err:
+                    warnings.warn(f"{self.label}: torch.compile failed ({type(err).__name__}: "
+                                  f"{first_line(err, '')}); the captured graph runs eagerly", stacklevel=3)
+                finally:
+                    self.seconds += time.perf_counter() - began
+        return self._after(entry, streams, entry.run(*args))
+
+    @staticmethod
+    def _after(entry: _Entry, streams, out):
+        if streams is not None:
+            streams.exact = streams.exact and entry.exact
+            streams._draws += entry.draws
+        return out
+
+
+# --- matrix products on the CPU through oneDNN ----------------------------------------------------------------
+#
+# On this project's CPU (AMD EPYC, AVX-512) ATen's float32 matrix product (MKL) ran the
+# shapes of a VAE's layers at 175-205 GFLOP/s, and oneDNN's linear kernel, given the
+# weight as a transposed view, at 420-480 GFLOP/s, to float32 rounding (relative error
+# under 1e-6 against float64): MKL does not take its AVX-512 path on AMD processors.
+# A captured graph therefore runs its float32 CPU products through oneDNN. The two
+# operators below carry their own gradients, so a training graph differentiates them
+# with the same kernel.
+
+_LINEAR = torch.ops.mkldnn._linear_pointwise.default if torch.backends.mkldnn.is_available() else None
+
+# Declared with torch.library's low-level registration: a call costs about 4 us over the kernel's own,
+# against about 30 us through torch.library.custom_op's wrappers (11 products per SVI step).
+_LIBRARY = torch.library.Library("ppl_genmodels", "DEF")
+_LIBRARY.define("mm(Tensor a, Tensor b) -> Tensor")
+_LIBRARY.define("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
+
+
+def _mm_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _LINEAR(a, b.t(), None, "none", [], "")  # oneDNN takes the weight [out, in]: b transposed, a view
+
+
+def _linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _LINEAR(x, weight, bias, "none", [], "")
+
+
+_LIBRARY.impl("mm", _mm_kernel, "CPU")
+_LIBRARY.impl("linear", _linear_kernel, "CPU")
+
+
+@torch.library.register_fake("ppl_genmodels::mm")
+def _(a, b):
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+@torch.library.register_fake("ppl_genmodels::linear")
+def _(x, weight, bias=None):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for 2-D float32 CPU tensors, by oneDNN (differentiable)."""
+    return torch.ops.ppl_genmodels.mm.default(a, b)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` (x of any leading shape) for float32 CPU tensors, by oneDNN (differentiable)."""
+    return torch.ops.ppl_genmodels.linear.default(x, weight, bias)
+
+
+def _mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _mm_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    need_a, need_b = ctx.needs_input_grad
+    return onednn_mm(grad, b.t()) if need_a else None, onednn_mm(a.t(), grad) if need_b else None
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, *bias = inputs  # the bias is absent when the call left it out
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bool(bias) and bias[0] is not None
+
+
+def _linear_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    need_x, need_weight, need_bias = (tuple(ctx.needs_input_grad) + (False,))[:3]
+    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    grad_x = onednn_mm(g2, weight).reshape(x.shape) if need_x else None  # not for the data at the first layer
+    grad_weight = onednn_mm(g2.t(), x2) if need_weight else None
+    return grad_x, grad_weight, g2.sum(0) if ctx.has_bias and need_bias else None
+
+
+torch.library.register_autograd("ppl_genmodels::mm", _mm_backward, setup_context=_mm_setup)
+torch.library.register_autograd("ppl_genmodels::linear", _linear_backward, setup_context=_linear_setup)
+
+
+def _cpu_float32(node) -> bool:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.dtype == torch.float32
+
+
+def _use_onednn(graph: torch.fx.GraphModule) -> int:
+    """Run the graph's float32 CPU matrix products through oneDNN; returns how many were replaced."""
+    if _LINEAR is None:
+        return 0
+    replaced = 0
+    ops = torch.ops.aten
+    for node in list(graph.graph.nodes):
+        if node.op != "call_function" or not all(_cpu_float32(a) for a in node.args[:3] if a is not None):
+            continue
+        with graph.graph.inserting_before(node):
+            if node.target is ops.linear.default and len(node.args) >= 2 and not node.kwargs:
+                new = graph.graph.call_function(torch.ops.ppl_genmodels.linear.default, tuple(node.args[:3]))
+            elif node.target is ops.mm.default and not node.kwargs:
+                new = graph.graph.call_function(torch.ops.ppl_genmodels.mm.default, tuple(node.args))
+            elif node.target is ops.addmm.default and len(node.args) == 3 and not node.kwargs:
+                product = graph.graph.call_function(torch.ops.ppl_genmodels.mm.default, tuple(node.args[1:]))
+                new = graph.graph.call_function(ops.add.Tensor, (product, node.args[0]))
+            else:
+                continue
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.graph.erase_node(node)
+        replaced += 1
+    if replaced:
+        graph.recompile()
+    return replaced
+
+
+def _data_dependent() -> tuple[type, ...]:
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    return GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException
+
+
+def _reason(err: Exception) -> str:
+    """Why a capture failed, in one line."""
+    if isinstance(err, _data_dependent()):
+        return ("its Python depends on the values of tensors, data-dependent: a branch on a value, .item(), "
+                ".tolist() or a shape computed from values")
+    if "convert all Tensors to FakeTensors" in str(err):
+        return ("it reads a tensor held outside the program (neither an input nor one of the program's "
+                "parameters or buffers)")
+    return f"{type(err).__name__}: {first_line(err, '')}"
+
+
+def _check_constants(graph: torch.fx.GraphModule, parameters: list[torch.Tensor]) -> None:
+    """Refuse a graph that reads a parameter as a constant, or writes into one of its constants."""
+    storages = {p.untyped_storage().data_ptr() for p in parameters if p.device.type != "meta"}
+    constants = set()
+    for node in graph.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = getattr(graph, node.target, None)
+        if not isinstance(value, torch.Tensor):
+            continue
+        constants.add(node)
+        if isinstance(value, nn.Parameter) or value.requires_grad or \
+                value.numel() and value.untyped_storage().data_ptr() in storages:
+            raise StaticError(f"a parameter is read as a constant ({node.target}): it is not reachable from the "
+                              "program's parameters")
+    for node in graph.graph.nodes:
+        target = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and target is not None and target.is_mutable and node.args \
+                and node.args[0] in constants:
+            raise StaticError(f"the program writes into a tensor it holds ({node.args[0].target}) in place")

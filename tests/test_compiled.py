@@ -1,0 +1,441 @@
+"""The compiled hot paths (``ppl_genmodels.compiled.Static``): the same values and gradients as the
+general path, a guard that captures anew or falls back, and clear warnings where a program is not static."""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+from ppl_genmodels.compiled import Static, static_path
+from ppl_genmodels.inference.objectives import make_objective
+from ppl_genmodels.models.vae import VAE
+from ppl_genmodels.programs import Program
+from ppl_genmodels.streams import Streams
+from ppl_genmodels.train import Trainer
+
+PROGRAMS = Path(__file__).resolve().parent / "pyro_programs"
+OBJECTIVES = ["trace", "stl", "iwae", "dreg", "rws", "renyi:0.5"]
+
+
+def _program_file(name: str):
+    spec = importlib.util.spec_from_file_location(f"pyro_programs_{name}", PROGRAMS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _vae(seed: int = 0, **kwargs) -> Program:
+    torch.manual_seed(seed)
+    return Program(VAE(64, 4, hidden=(32,), **kwargs))
+
+
+def _x(n: int = 8, dim: int = 64, seed: int = 1) -> torch.Tensor:
+    return torch.bernoulli(torch.full((n, dim), 0.4), generator=torch.Generator().manual_seed(seed))
+
+
+def _loss_fn(program: Program, objective):
+    def loss(x, y=None, *, streams=None, **_):
+        with streams.draws():
+            return objective.loss(program.model, program.guide, x, y)
+
+    return loss
+
+
+def _grads(program: Program, value: torch.Tensor) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(value, list(program.parameters()), allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(program.parameters(), grads)]
+
+
+def _assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5):
+    assert torch.allclose(a, b, rtol=rtol, atol=rtol * (1 + b.abs().max().item())), (a - b).abs().max()
+
+
+@pytest.fixture(autouse=True)
+def _no_validation():
+    with pyro.validation_enabled(False):
+        yield
+
+
+# --------------------------------------------------------------------------- #
+# the same numbers as the general path
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_each_objective_captured_gives_the_general_paths_value_and_gradients(name):
+    program = _vae()
+    particles = 1 if name in ("trace", "stl") else 3
+    objective = make_objective(name, particles, 1, detached=program.parameters_detached)
+    fn = _loss_fn(program, objective)
+    static = Static(fn, program, label=name, compile=False)
+    x = _x()
+    for batch in range(3):  # a new batch's streams and new parameter values: the same graph
+        streams = lambda: Streams(0, torch.arange(8) + 8 * batch, f"t/{batch}")  # noqa: E731
+        reference = fn(x, streams=streams())
+        captured = static(x, streams=streams())
+        assert static.fallback is None and len(static.entries) == 1
+        _assert_close(captured, reference)
+        for a, b in zip(_grads(program, captured), _grads(program, reference)):
+            _assert_close(a, b)
+        with torch.no_grad():
+            for p in program.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+
+
+def test_the_inductor_compiled_step_trains_like_the_general_one():
+    """Three Adam steps of the training step, compiled with Inductor and not: the same losses and weights."""
+    x = _x(16)
+    runs = {}
+    for compiled in (False, True):
+        program = _vae().accelerate(compile=compiled)
+        trainer = Trainer(program, make_objective("trace"), torch.optim.Adam(program.parameters(), lr=1e-2))
+        trainer.validate_next = False
+        losses = [float(trainer.step(x, streams=Streams(0, torch.arange(16), f"e{i}"))) for i in range(3)]
+        runs[compiled] = losses, [p.detach().clone() for p in program.parameters()]
+        assert (trainer.compile_seconds > 0) is compiled
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        _assert_close(a, b, rtol=1e-4)
+    static = Trainer(_vae().accelerate(compile=True), make_objective("trace"), None).loss_module.static
+    assert static is not None and static.compile
+
+
+def test_a_program_from_pyros_tutorial_and_its_param_store_parameters_are_captured():
+    """``pyro.module`` networks and ``pyro.param`` values (constrained too) are inputs of the graph."""
+    for name, build, dim in (("tutorial_vae", lambda m: m.VAE(z_dim=3, hidden_dim=16), 784),
+                             ("param_store_model", lambda m: m.LinearGaussian(5, 2), 5)):
+        torch.manual_seed(0)
+        program = Program(build(_program_file(name)))
+        x = _x(6, dim) if dim == 784 else torch.randn(6, dim)
+        program.check(x)
+        fn = _loss_fn(program, make_objective("trace"))
+        static = Static(fn, program, label=name, compile=False)
+        reference = fn(x, streams=Streams(3, torch.arange(6), "t"))
+        captured = static(x, streams=Streams(3, torch.arange(6), "t"))
+        assert static.fallback is None, static.fallback
+        _assert_close(captured, reference)
+        grads = _grads(program, captured)
+        for a, b in zip(grads, _grads(program, reference)):
+            _assert_close(a, b)
+        assert all(g.abs().sum() > 0 for g in grads)  # every parameter, pyro.param ones included, is reached
+
+
+def test_draws_from_torchs_generator_are_fresh_on_every_call():
+    program = _vae()
+    objective = make_objective("trace")
+
+    def fn(x, *, streams=None, **_):
+        return objective.loss(program.model, program.guide, x, None)
+
+    static = Static(fn, program, label="global generator", compile=False)
+    x = _x()
+    with torch.no_grad():
+        values = [float(static(x)) for _ in range(3)]
+    assert static.fallback is None and len(set(values)) == 3
+    with torch.no_grad():
+        torch.manual_seed(5)
+        first = float(static(x))
+        torch.manual_seed(5)
+        assert float(static(x)) == first  # drawn from torch's generator, so seeded by it
+
+
+# --------------------------------------------------------------------------- #
+# the guard: new signatures, fallbacks, warnings
+# --------------------------------------------------------------------------- #
+
+
+def test_a_new_shape_or_option_is_captured_anew_and_each_graph_stays_right():
+    program = _vae()
+    objective = make_objective("trace")
+    fn = _loss_fn(program, objective)
+    static = Static(fn, program, label="shapes", compile=False)
+    for n, weight in ((8, 1.0), (5, 1.0), (8, 0.5), (8, 1.0)):
+        objective.kl_weight = weight
+        x = _x(n)
+        captured = static(x, streams=Streams(0, torch.arange(n), "t"), kl_weight=weight)
+        _assert_close(captured, fn(x, streams=Streams(0, torch.arange(n), "t")))
+    assert len(static.entries) == 3 and static.fallback is None
+
+
+def test_too_many_signatures_fall_back_to_the_general_path_with_one_warning():
+    program = _vae()
+    fn = _loss_fn(program, make_objective("trace"))
+    static = Static(fn, program, label="the training step", compile=False, max_signatures=2)
+    static(_x(3), streams=Streams(0, torch.arange(3)))
+    static(_x(4), streams=Streams(0, torch.arange(4)))
+    with pytest.warns(UserWarning, match="the training step: the compiled path is off .*more than 2 different"):
+        value = static(_x(5), streams=Streams(0, torch.arange(5)))
+    _assert_close(value, fn(_x(5), streams=Streams(0, torch.arange(5))))
+    assert static.entries == {}
+
+
+class _Branching(nn.Module):
+    """A model whose Python branches on the data's values: not static."""
+
+    def __init__(self):
+        super().__init__()
+        self.loc = nn.Linear(3, 2)
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+            shift = 1.0 if float(x.sum()) > 0 else -1.0
+            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True) + shift, 1.0).to_event(1), obs=x[:, :1])
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(self.loc(x), 1.0).to_event(1))
+
+
+def test_a_program_that_branches_on_values_runs_as_written_with_one_warning():
+    program = Program(_Branching())
+    fn = _loss_fn(program, make_objective("trace"))
+    static = Static(fn, program, label="the training step", compile=False)
+    x = torch.randn(4, 3).abs()
+    with pytest.warns(UserWarning, match="the training step: the compiled path is off for this program "
+                                         r"\(.*data-dependent"):
+        value = static(x, streams=Streams(0, torch.arange(4)))
+    assert torch.equal(value, fn(x, streams=Streams(0, torch.arange(4))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once
+        again = static(-x, streams=Streams(0, torch.arange(4)))
+        assert torch.equal(again, fn(-x, streams=Streams(0, torch.arange(4))))
+
+
+def test_a_parameter_outside_the_program_is_refused_not_frozen():
+    hidden = torch.zeros(2, requires_grad=True)  # a tensor the program reads that is not its parameter
+
+    class Leaky(_Branching):
+        def model(self, x):
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", dist.Normal(hidden.expand(x.shape[0], 2), 1.0).to_event(1))
+                pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x[:, :1])
+
+    program = Program(Leaky())
+    static = Static(_loss_fn(program, make_objective("trace")), program, label="leak", compile=False)
+    with pytest.warns(UserWarning, match="it reads a tensor held outside the program"):
+        static(torch.randn(4, 3), streams=Streams(0, torch.arange(4)))
+    assert static.fallback is not None
+
+
+def test_a_failing_compiler_leaves_the_captured_graph_running_eagerly(monkeypatch):
+    def failing(fn, *args, **kwargs):
+        def compiled(*a, **kw):
+            raise RuntimeError("backend compiler failed\nwith a long story")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing)
+    program = _vae()
+    fn = _loss_fn(program, make_objective("trace"))
+    static = Static(fn, program, label="the training step")
+    x = _x()
+    with pytest.warns(UserWarning, match=r"the training step: torch.compile failed \(RuntimeError: backend compiler "
+                                         r"failed\); the captured graph runs eagerly"):
+        value = static(x, streams=Streams(0, torch.arange(8)))
+    _assert_close(value, fn(x, streams=Streams(0, torch.arange(8))))
+    assert static.fallback is None and len(static.entries) == 1
+
+
+def test_with_pyros_validation_on_the_first_call_of_a_signature_runs_as_written_and_checks():
+    program = _vae()
+    fn = _loss_fn(program, make_objective("trace"))
+    static = Static(fn, program, label="v", compile=False)
+    with pyro.validation_enabled(True):
+        reference = static(_x(), streams=Streams(0, torch.arange(8)))  # as written, with Pyro's checks
+        assert static.entries == {}
+        first = static(_x(), streams=Streams(0, torch.arange(8)))  # the same signature: now captured
+        _assert_close(first, reference)
+        assert len(static.entries) == 1 and static.fallback is None
+        _assert_close(static(_x(), streams=Streams(0, torch.arange(8))), first)
+
+
+def test_a_draw_the_streams_cannot_route_still_marks_them_inexact():
+    class Discrete(_Branching):
+        def model(self, x):
+            with pyro.plate("data", x.shape[0]):
+                c = pyro.sample("c", dist.Categorical(logits=torch.zeros(x.shape[0], 3)))
+                pyro.sample("x", dist.Normal(c.float().unsqueeze(-1), 1.0).to_event(1), obs=x[:, :1])
+
+        def guide(self, x):
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("c", dist.Categorical(logits=self.loc(x).sum(-1, keepdim=True).expand(-1, 3)))
+
+    program = Program(Discrete())
+    static = Static(_loss_fn(program, make_objective("rws", 2, 1, detached=program.parameters_detached)), program,
+                    label="d", compile=False)
+    for _ in range(2):
+        streams = Streams(0, torch.arange(4))
+        static(torch.randn(4, 3), streams=streams)
+        assert streams.exact is False
+    assert static.fallback is None
+
+
+def test_static_path_is_shared_per_program_and_only_for_compiled_programs():
+    program = _vae()
+    fn = _loss_fn(program, make_objective("trace"))
+    assert static_path(fn, program.model, "x") is None  # not marked for compiling
+    assert static_path(fn, lambda x: x, "x") is None  # not a Program's method
+    program.accelerate(compile=True)
+    first = static_path(fn, program.model, "x")
+    assert isinstance(first, Static) and static_path(fn, program.guide, "x") is first
+    assert static_path(fn, program.model, "y") is not first
+
+
+@pytest.mark.parametrize("options", [dict(guide="fullrank"), dict(guide="iaf:2"), dict(likelihood="gaussian"),
+                                     dict(likelihood="categorical", n_levels=3)])
+def test_the_built_in_guide_families_and_likelihoods_are_captured(options):
+    program = _vae(**options)
+    x = _x() if options.get("likelihood") != "categorical" else torch.randint(0, 3, (8, 64)).float()
+    program.check(x)
+    fn = _loss_fn(program, make_objective("iwae", 3, 1))
+    static = Static(fn, program, label="families", compile=False)
+    captured = static(x, streams=Streams(0, torch.arange(8)))
+    reference = fn(x, streams=Streams(0, torch.arange(8)))
+    assert static.fallback is None, static.fallback
+    _assert_close(captured, reference)
+    for a, b in zip(_grads(program, captured), _grads(program, reference)):
+        _assert_close(a, b)
+
+
+# --------------------------------------------------------------------------- #
+# the evaluation hot paths: IWAE chunks, the HMC and AIS log-joint
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture
+def graph_only(monkeypatch):
+    """torch.compile as the identity and ATen's products: the captured graphs run the general path's kernels, so
+    they must match it to the last bit (HMC's chains would magnify any rounding difference)."""
+    import ppl_genmodels.compiled as compiled
+
+    monkeypatch.setattr(torch, "compile", lambda graph, **kwargs: graph)
+    monkeypatch.setattr(compiled, "_LINEAR", None)
+
+
+def _trained_like_vae() -> tuple[Program, torch.Tensor]:
+    program = _vae(3)
+    x = _x(8)
+    program.check(x)
+    return program, x
+
+
+def test_iwae_chunks_run_one_graph_and_give_the_general_estimates(graph_only):
+    from ppl_genmodels.inference.importance import streaming_estimates
+
+    program, x = _trained_like_vae()
+    results = {}
+    for compiled in (False, True):
+        program.accelerate(compile=compiled)
+        with torch.no_grad():
+            results[compiled] = streaming_estimates(program.model, program.guide, x, k=50, chunk_size=16,
+                                                    generator=Streams(0, torch.arange(8), "iwae"))
+    for a, b in zip(results[True], results[False]):
+        _assert_close(a.value, b.value)
+        _assert_close(a.stderr, b.stderr)
+    static = static_path(None, program.model, "log-weights of a particle chunk")
+    assert static.fallback is None and len(static.entries) == 2  # chunks of 16 and the last one of 2
+
+
+def test_hmc_and_ais_on_a_compiled_program_give_the_general_draws(graph_only):
+    from ppl_genmodels.inference.ais import ais
+    from ppl_genmodels.inference.mcmc import hmc_posterior
+
+    program, x = _trained_like_vae()
+    draws, estimates = {}, {}
+    for compiled in (False, True):
+        program.accelerate(compile=compiled)
+        result = hmc_posterior(program.model, program.guide, x, num_chains=2, num_samples=6, warmup=6,
+                               num_leapfrog=3, generator=Streams(0, torch.arange(8), "hmc"), warn=False)
+        draws[compiled] = result.samples
+        estimates[compiled] = ais(program.model, program.guide, x, num_steps=5, num_chains=2,
+                                  generator=Streams(0, torch.arange(8), "ais"))
+    for name in draws[False]:
+        _assert_close(draws[True][name], draws[False][name])
+    _assert_close(estimates[True].log_z, estimates[False].log_z)
+    for label in ("HMC log-joint and gradient", "AIS log-joint and gradients"):
+        static = static_path(None, program.model, label)
+        assert static.fallback is None and static.entries, label
+
+
+@pytest.mark.slow
+def test_inductor_compiled_evaluation_paths_agree_with_the_general_ones():
+    """IWAE, HMC and AIS of a compiled program with Inductor's kernels: the general path's numbers to rounding,
+    bfloat16 networks included (within the bfloat16 tolerance)."""
+    from ppl_genmodels.inference.ais import ais
+    from ppl_genmodels.inference.importance import streaming_estimates
+    from ppl_genmodels.inference.mcmc import hmc_posterior
+
+    program, x = _trained_like_vae()
+
+    def estimates():
+        with torch.no_grad():
+            _, iwae = streaming_estimates(program.model, program.guide, x, k=40, chunk_size=20,
+                                          generator=Streams(0, torch.arange(8), "iwae"))
+        hmc = hmc_posterior(program.model, program.guide, x, num_chains=2, num_samples=3, warmup=0, num_leapfrog=2,
+                            generator=Streams(0, torch.arange(8), "hmc"), warn=False)
+        annealed = ais(program.model, program.guide, x, num_steps=3, num_chains=2,
+                       generator=Streams(0, torch.arange(8), "ais"))
+        return iwae.value, hmc.samples["z"], annealed.log_z
+
+    reference = estimates()
+    program.accelerate(compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # Inductor works here: no fallback anywhere
+        compiled = estimates()
+    for a, b in zip(compiled, reference):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-3), (a - b).abs().max()
+    program.accelerate(precision="bf16", compile=True)
+    low = estimates()
+    assert torch.allclose(low[0], reference[0], rtol=0.02, atol=3.0)
+
+
+# --------------------------------------------------------------------------- #
+# the CPU matrix products of a captured graph (oneDNN)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN")
+def test_the_onednn_products_give_atens_values_and_gradients():
+    from ppl_genmodels.compiled import onednn_linear, onednn_mm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 7, generator=gen, requires_grad=True)
+    weight = torch.randn(4, 7, generator=gen, requires_grad=True)
+    bias = torch.randn(4, generator=gen, requires_grad=True)
+    for ours, theirs in ((onednn_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias)),
+                         (onednn_linear(x, weight), torch.nn.functional.linear(x, weight)),
+                         (onednn_mm(x[0], weight.t()), x[0] @ weight.t())):
+        _assert_close(ours, theirs)
+        grad_out = torch.randn(theirs.shape, generator=gen)
+        inputs = [t for t in (x, weight, bias) if t.grad_fn is None]
+        mine = torch.autograd.grad(ours, inputs, grad_out, allow_unused=True)
+        reference = torch.autograd.grad(theirs, inputs, grad_out, allow_unused=True)
+        for a, b in zip(mine, reference):
+            assert (a is None) == (b is None)
+            if a is not None:
+                _assert_close(a, b)
+    with torch.no_grad():  # a product whose operand needs no gradient skips it
+        assert onednn_linear(x.detach(), weight.detach()).grad_fn is None
+
+
+def test_a_captured_graph_runs_its_cpu_products_through_onednn(monkeypatch):
+    from ppl_genmodels.compiled import _use_onednn
+
+    program = _vae()
+    fn = _loss_fn(program, make_objective("trace"))
+    static = Static(fn, program, label="products", compile=False)
+    static(_x(), streams=Streams(0, torch.arange(8)))
+    graph = next(iter(static.entries.values())).graph
+    replaced = _use_onednn(graph) if torch.backends.mkldnn.is_available() else 0
+    targets = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    if torch.backends.mkldnn.is_available():
+        assert replaced == 4 and "ppl_genmodels.linear.default" in targets and "aten.linear.default" not in targets
+    value = graph([p for _, p in static._tensors()], [_x(), None], list(Streams(0, torch.arange(8)).state()))
+    _assert_close(value, fn(_x(), streams=Streams(0, torch.arange(8))))
