@@ -62,9 +62,9 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 from tqdm.auto import tqdm
 
+from ppl_genmodels.compiled import static_path
 from ppl_genmodels.inference import hmc
 from ppl_genmodels.inference.adaptation import TARGET_ACCEPT, adapt_step_size
-from ppl_genmodels.compiled import static_path
 from ppl_genmodels.inference.importance import iwae_estimate
 from ppl_genmodels.traces import DATA_PLATE, LogJoint, TraceError, is_streams, observed_site, seeded_from
 

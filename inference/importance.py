@@ -235,13 +235,13 @@ class ImportanceAccumulator:
         return ImportanceStats(self.mean_log, elbo_se, iwae, iwae_se, ess, k)
 
 
-@torch.no_grad()
 def _chunk_weights(x, y, *, streams=None, model, guide, num_particles: int, proposal: str, nesting: int):
     """log w of one chunk of particles  # [num_particles, batch] (the same call as its compiled twin's)."""
     with seeded_from(streams):
         return traces.log_weights(model, guide, x, y, num_particles=num_particles, proposal=proposal, nesting=nesting)
 
 
+@torch.no_grad()
 def streaming_estimates(model, guide, x, y=None, *, k: int = 100, chunk_size: int | None = 1000,
                         proposal: str = "guide", generator=None) -> tuple[Estimate, Estimate]:
     """ELBO and IWAE-k for one batch of data from the same k particles, ``chunk_size`` at a time.

@@ -46,6 +46,7 @@ import torch
 from pyro.infer import MCMC, NUTS
 from tqdm.auto import tqdm
 
+from ppl_genmodels.compiled import static_path
 from ppl_genmodels.inference import hmc
 from ppl_genmodels.inference.diagnostics import ess_bulk, ess_tail, split_rhat
 from ppl_genmodels.inference.adaptation import (
@@ -55,7 +56,6 @@ from ppl_genmodels.inference.adaptation import (
     window_adaptation_init,
     window_adaptation_update,
 )
-from ppl_genmodels.compiled import static_path
 from ppl_genmodels.traces import LogJoint, is_streams, seeded_from
 
 __all__ = ["MCMCResult", "MCMC_METHODS", "RHAT_THRESHOLD", "hmc_posterior", "nuts_posterior", "diagnostics"]

@@ -18,7 +18,7 @@ import typing
 
 from ppl_genmodels import distributed
 from ppl_genmodels.comparison import compare_name, compare_run
-from ppl_genmodels.config import ConfigError, RunConfig
+from ppl_genmodels.config import COMPILE_CHOICES, ConfigError, RunConfig
 from ppl_genmodels.data import DATASETS, SPLIT_NAMES, DataError
 from ppl_genmodels.evaluation import bdmc_name, bdmc_run, evaluate_run, evaluation_name, parse_estimators
 from ppl_genmodels.inference.mcmc import MCMC_METHODS
@@ -126,6 +126,9 @@ def _evaluation_parsers(sub) -> None:
                           help="AIS initial distribution (default prior)")
     evaluate.add_argument("--proposal", choices=PROPOSALS, default="guide",
                           help="importance proposal of elbo and iwae (default guide)")
+    evaluate.add_argument("--compile", choices=COMPILE_CHOICES,
+                          help="run the particle chunks and AIS's log-joint as compiled graphs: on, off, or auto, "
+                               "for evaluations of at least 20 million model passes (default: the run's --compile)")
     _name_option(evaluate, "evaluation", "test-n20-elbo-iwae100")
     _run_options(evaluate, seed=True)
 
@@ -243,7 +246,8 @@ def _evaluate(args) -> int:
         raise ValueError("give --estimators or --k, not both")
     _check_at_least(args, 1, "k", "n", "chains", "batch_size")  # before the run is loaded
     options = dict(estimators=args.estimators, k=args.k, split=args.split, n=args.n, batch_size=args.batch_size,
-                   chains=args.chains, ais_start=args.ais_start, proposal=args.proposal, progress=not args.quiet)
+                   chains=args.chains, ais_start=args.ais_start, proposal=args.proposal, progress=not args.quiet,
+                   compile=args.compile)
     if args.estimators is not None:
         parse_estimators(args.estimators)  # a bad spec fails before the run is loaded
     _check_name(args, "evaluation")

@@ -45,6 +45,7 @@ captured, with validation off, on the next call.
 
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 import weakref
@@ -92,9 +93,19 @@ def static_path(fn: Callable, model: Callable, label: str, *, inner_grad: bool =
 
 
 def _static_key(value):
-    """What of an option enters a signature: its ``static_key()`` where it has one, else the value itself."""
+    """What of an option enters a signature: its ``static_key()`` where it has one, else the value itself.
+
+    A bound method enters as its object's identity and its function, so that a signature
+    holds no reference to the program (whose own table of Statics it is part of).
+    """
     key = getattr(value, "static_key", None)
-    return ("object", type(value).__qualname__, key()) if callable(key) else value
+    if callable(key):
+        return ("object", type(value).__qualname__, _static_key(key()))
+    if isinstance(value, tuple):
+        return tuple(_static_key(v) for v in value)
+    if inspect.ismethod(value):
+        return ("method", id(value.__self__), value.__func__)
+    return value
 
 
 def _describe(value) -> tuple:
@@ -136,12 +147,17 @@ class Static:
                  inner_grad: bool = False, max_signatures: int = 8):
         if not isinstance(program, Program):
             raise TypeError("Static needs the Program whose parameters the function reads")
-        self.fn, self.program, self.label = fn, program, label
+        # a weak reference: the program's own Statics (static_path) live in a table keyed weakly by the program
+        self._program, self.fn, self.label = weakref.ref(program), fn, label
         self.compile, self.inner_grad, self.max_signatures = bool(compile), bool(inner_grad), int(max_signatures)
         self.entries: dict[tuple, _Entry] = {}
         self.validated: set[tuple] = set()  # signatures whose first call ran with Pyro's validation on
         self.fallback: str | None = None
         self.seconds = 0.0
+
+    @property
+    def program(self) -> Program:
+        return self._program()
 
     # --- the call -------------------------------------------------------------------------------------------
 
@@ -211,10 +227,15 @@ class Static:
             return out
 
         state = () if streams is None else streams.state()
-        # pre-dispatch tracing records grad-mode changes (no_grad blocks) as graph nodes; an fn that takes its
-        # own gradients is traced below autograd instead, so that its backward operations enter the graph
-        graph = make_fx(flat, tracing_mode="fake", pre_dispatch=not self.inner_grad)(originals, list(tensors),
-                                                                                       list(state))
+        # A graph that gradients flow through is traced above autograd ("pre-dispatch"), which records grad-mode
+        # changes (no_grad blocks) as nodes but not autocast; every other graph is traced below autograd and
+        # autocast, so that an fn's own backward operations and bfloat16 casts enter the graph as operations.
+        differentiable = torch.is_grad_enabled() and not self.inner_grad
+        if differentiable and self.program.acceleration["precision"] != "fp32":
+            raise StaticError(f"{self.program.acceleration['precision']} networks run under autocast, which a "
+                              "differentiable graph does not record")
+        graph = make_fx(flat, tracing_mode="fake", pre_dispatch=differentiable)(originals, list(tensors),
+                                                                                  list(state))
         _check_constants(graph, originals)
         if self.compile:
             _use_onednn(graph)

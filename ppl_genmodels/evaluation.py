@@ -71,7 +71,7 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from ppl_genmodels import distributed, tables
-from ppl_genmodels.config import compiles
+from ppl_genmodels.config import COMPILE_CHOICES, compiles
 from ppl_genmodels.data import Split
 from ppl_genmodels.inference import ais as ais_module
 from ppl_genmodels.inference.importance import (PAD, ROWS_PER_PASS, Estimate, batched_estimates, padded_passes,
@@ -292,6 +292,23 @@ def _ais_columns(model, points: _Points, steps, *, chains, start, batch_size, ro
     return tables.concat(parts), seconds
 
 
+def _check_choices(*, ais_start: str, proposal: str, compile: str | None) -> None:
+    """One-line errors for an unknown AIS start, proposal or compile setting."""
+    if compile is not None and compile not in COMPILE_CHOICES:
+        raise ValueError(f"unknown compile setting {compile!r}; choose one of {', '.join(COMPILE_CHOICES)}")
+    if ais_start not in STARTS:
+        raise ValueError(f"unknown AIS initial distribution {ais_start!r}; expected one of {', '.join(STARTS)}")
+    if proposal not in PROPOSALS:
+        raise ValueError(f"unknown proposal {proposal!r}; expected one of {', '.join(PROPOSALS)}")
+
+
+def _compile_for(run, rows: int, setting: str | None) -> None:
+    """Mark the run's program for the compiled hot paths where ``setting`` (default: the run's) says so."""
+    setting = getattr(run.config, "compile", "off") if setting is None else setting
+    program = run.program
+    program.accelerate(precision=program.acceleration["precision"], compile=compiles(setting, run.device, 0, rows=rows))
+
+
 def _passes_per_datapoint(spec: EstimatorSpec, chains: int) -> int:
     """Model passes an estimator makes per datapoint: k particles, or steps x chains x the AIS leapfrog steps."""
     if spec.kind in ("elbo", "iwae"):
@@ -373,8 +390,8 @@ def evaluation_name(*, estimators=None, k: int | None = None, split: str = "test
 @writer("evaluate")
 def evaluate_run(run, *, estimators=None, k: int | None = None, split: str = "test", n: int | None = None,
                  batch_size: int | None = None, chains: int = 16, ais_start: str = "prior", proposal: str = "guide",
-                 seed: int = 0, progress: bool = True, save: bool = True,
-                 name: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 seed: int = 0, progress: bool = True, save: bool = True, name: str | None = None,
+                 compile: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Estimate log p(x) per datapoint of ``split`` with each estimator; returns ``(summary, per_datapoint)``.
 
     Args:
@@ -392,6 +409,9 @@ def evaluate_run(run, *, estimators=None, k: int | None = None, split: str = "te
         name: the result set's name (letters, digits, ``-``, ``_``, ``.``); one that exists is
             refused. Default: :func:`evaluation_name` of the options, with ``-2``, ``-3``, ...
             appended when a set of that name exists.
+        compile: ``auto``, ``on`` or ``off`` (default: the run's ``--compile``): run the particle
+            chunks and AIS's log-joint as compiled graphs (``ppl_genmodels.compiled``); ``auto``
+            compiles evaluations of at least ``config.COMPILE_MIN_ROWS`` model passes.
 
     ``per_datapoint`` has ``index`` (row in the split's source), then per estimator
     ``<name>`` and ``<name>_se`` (Monte Carlo standard error), ``<name>_ess`` for iwae and
@@ -409,10 +429,7 @@ def evaluate_run(run, *, estimators=None, k: int | None = None, split: str = "te
     default_name = evaluation_name(estimators=estimators, k=k, split=split, n=n, ais_start=ais_start,
                                    proposal=proposal)  # a bad spec fails here, before the run is loaded
     _check_positive(n=n, batch_size=batch_size, chains=chains)
-    if ais_start not in STARTS:
-        raise ValueError(f"unknown AIS initial distribution {ais_start!r}; expected one of {', '.join(STARTS)}")
-    if proposal not in PROPOSALS:
-        raise ValueError(f"unknown proposal {proposal!r}; expected one of {', '.join(PROPOSALS)}")
+    _check_choices(ais_start=ais_start, proposal=proposal, compile=compile)
     run = as_run(run)
     distributed.setup(run.device)
     model = run.program
@@ -422,9 +439,7 @@ def evaluate_run(run, *, estimators=None, k: int | None = None, split: str = "te
     total = len(part.x) if n is None else min(n, len(part.x))
     if total < 1:
         raise ValueError(f"nothing to evaluate: split {split!r} has {len(part.x)} datapoints")
-    rows = total * sum(_passes_per_datapoint(spec, chains) for spec in specs)
-    model.accelerate(precision=model.acceleration["precision"],
-                     compile=compiles(getattr(run.config, "compile", "off"), run.device, steps=0, rows=rows))
+    _compile_for(run, total * sum(_passes_per_datapoint(spec, chains) for spec in specs), compile)
     if save:
         name = distributed.agree(lambda: run.new_result_name("evaluation", name, default=default_name))
     start, stop = distributed.shard(total)

@@ -27,9 +27,8 @@ runs the particles one at a time for models that do not broadcast.
 
 from __future__ import annotations
 
-import copy
-
 import contextlib
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable

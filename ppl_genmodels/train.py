@@ -37,13 +37,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ppl_genmodels import distributed, runs
+from ppl_genmodels.compiled import Static
 from ppl_genmodels.config import (OPTIMIZERS, ConfigError, RunConfig, build_model, check_model_file, compiles,
                                   file_sha256,
                                   is_instance, model_file, model_spec_string, resolve_device)
 from ppl_genmodels.evaluation import evaluate_run
 from ppl_genmodels.inference.objectives import kl_weight, make_objective
 from ppl_genmodels.plots import plot_run
-from ppl_genmodels.compiled import Static
 from ppl_genmodels.programs import Program
 from ppl_genmodels.runs import Run, load_checkpoint, save_checkpoint, write_csv
 from ppl_genmodels.streams import Streams

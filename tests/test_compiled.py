@@ -439,3 +439,45 @@ def test_a_captured_graph_runs_its_cpu_products_through_onednn(monkeypatch):
         assert replaced == 4 and "ppl_genmodels.linear.default" in targets and "aten.linear.default" not in targets
     value = graph([p for _, p in static._tensors()], [_x(), None], list(Streams(0, torch.arange(8)).state()))
     _assert_close(value, fn(_x(), streams=Streams(0, torch.arange(8))))
+
+
+def test_bfloat16_networks_are_captured_for_evaluation_and_train_as_written(graph_only):
+    """Autocast enters an evaluation graph as casts (the same numbers as eager bf16); a training graph cannot
+    record it, so bf16 training runs the general path, with one warning, rather than silently in float32."""
+    from ppl_genmodels.inference.importance import streaming_estimates
+
+    program, x = _trained_like_vae()
+    values = {}
+    for compiled in (False, True):
+        program.accelerate(precision="bf16", compile=compiled)
+        with torch.no_grad():
+            for _ in range(2):  # a network's first call runs in float32 (it finds the networks)
+                _, iwae = streaming_estimates(program.model, program.guide, x, k=20, chunk_size=20,
+                                              generator=Streams(0, torch.arange(8), "iwae"))
+        values[compiled] = iwae.value
+    assert torch.equal(values[True], values[False])
+    graph = next(iter(static_path(None, program.model, "log-weights of a particle chunk").entries.values())).graph
+    assert any(getattr(n.meta.get("val"), "dtype", None) == torch.bfloat16 for n in graph.graph.nodes)
+    trainer = Trainer(program, make_objective("trace"), torch.optim.Adam(program.parameters(), lr=1e-3))
+    trainer.validate_next = False
+    with pytest.warns(UserWarning, match="bf16 networks run under autocast"):
+        trainer.step(x, streams=Streams(0, torch.arange(8)))
+
+
+def test_a_programs_compiled_paths_go_with_it():
+    import gc
+    import weakref
+
+    from ppl_genmodels.inference.importance import streaming_estimates
+
+    program = _vae().accelerate(compile=True)
+    x = _x()
+    with torch.no_grad():
+        for _ in range(2):
+            streaming_estimates(program.model, program.guide, x, k=20, chunk_size=10,
+                                generator=Streams(0, torch.arange(8)))
+    assert static_path(None, program.model, "log-weights of a particle chunk").entries
+    gone = weakref.ref(program)
+    del program
+    gc.collect()
+    assert gone() is None
