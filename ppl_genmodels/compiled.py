@@ -37,10 +37,12 @@ What makes this safe:
 What a capture cannot see, and a user of a dynamic program should know: Python
 state the program reads besides its inputs (a global counter, a random choice in
 Python, an attribute changed between calls) is frozen at its captured value.
-Such programs should run with ``--compile off``. With Pyro's validation on, the
-first call of each signature runs the general path, so that Pyro's checks see real
-values once (as the training loop validates its first step only); the graph is
-captured, with validation off, on the next call.
+Such programs should run with ``--compile off``. A signature is captured on its
+second call, and not at all while it is rare next to the others (the last, smaller
+batch of an epoch): compiling a graph costs seconds, running a call as written
+milliseconds. With Pyro's validation on, the first call of each signature runs the
+general path, so that Pyro's checks see real values once (as the training loop
+validates its first step only); the graph is captured with validation off.
 """
 
 from __future__ import annotations
@@ -59,7 +61,10 @@ from torch import nn
 from ppl_genmodels.programs import Program
 from ppl_genmodels.traces import first_line
 
-__all__ = ["Static", "StaticError", "owner", "static_path"]
+__all__ = ["Static", "StaticError", "owner", "static_path", "RARE"]
+
+#: a signature called fewer than 1/RARE times as often as the most frequent one runs as written, uncompiled
+RARE = 8
 
 
 class StaticError(RuntimeError):
@@ -138,20 +143,22 @@ class Static:
     runs without autograd (its outputs carry no gradient). Otherwise the graph keeps
     ``fn``'s grad-mode blocks (``torch.no_grad`` inside ``fn`` stays in force) and
     gradients flow through it to the parameters. ``label`` names the path in warnings.
-    ``seconds`` adds up the time spent capturing and compiling (paid on the first call
-    of each signature); ``fallback`` holds the reason once the general path has taken
-    over for good.
+    ``seconds`` adds up the time spent capturing and compiling (paid once per signature);
+    ``fallback`` holds the reason once the general path has taken over for good. A
+    signature is captured on its ``min_calls``-th call (default 2: a shape seen once
+    runs as written) unless it is rare (:meth:`_worth_capturing`).
     """
 
     def __init__(self, fn: Callable, program: Program, *, label: str, compile: bool = True,
-                 inner_grad: bool = False, max_signatures: int = 8):
+                 inner_grad: bool = False, max_signatures: int = 8, min_calls: int = 2):
         if not isinstance(program, Program):
             raise TypeError("Static needs the Program whose parameters the function reads")
         # a weak reference: the program's own Statics (static_path) live in a table keyed weakly by the program
         self._program, self.fn, self.label = weakref.ref(program), fn, label
         self.compile, self.inner_grad, self.max_signatures = bool(compile), bool(inner_grad), int(max_signatures)
+        self.min_calls = int(min_calls)
         self.entries: dict[tuple, _Entry] = {}
-        self.validated: set[tuple] = set()  # signatures whose first call ran with Pyro's validation on
+        self.calls: dict[tuple, int] = {}  # calls of each signature
         self.fallback: str | None = None
         self.seconds = 0.0
 
@@ -171,10 +178,12 @@ class Static:
             return self.fn(*tensors, streams=streams, **options)
         named = self._tensors()
         signature = self._signature(named, tensors, streams, options)
+        if len(self.calls) > 10 * self.max_signatures:  # shapes that keep changing: start counting afresh
+            self.calls.clear()
+        self.calls[signature] = self.calls.get(signature, 0) + 1
         entry = self.entries.get(signature)
         if entry is None:
-            if is_validation_enabled() and signature not in self.validated:
-                self.validated.add(signature)  # the first call of a signature runs as written, Pyro's checks on
+            if not self._worth_capturing(signature):
                 return self.fn(*tensors, streams=streams, **options)
             if len(self.entries) >= self.max_signatures:
                 self._give_up(f"more than {self.max_signatures} different signatures (shapes or settings)")
@@ -190,6 +199,19 @@ class Static:
                 self.seconds += time.perf_counter() - began
             self.entries[signature] = entry
         return self._run(entry, named, tensors, streams)
+
+    def _worth_capturing(self, signature) -> bool:
+        """Capture a signature once it has come ``min_calls`` times, unless it is rare.
+
+        Rare means fewer calls than 1/``RARE`` of the most frequent signature's: the last,
+        smaller batch of every epoch, the last particle chunk of every pass. Those run as
+        written, which costs less than compiling one more graph. With Pyro's validation on,
+        the first call of a signature always runs as written, so that Pyro's checks see
+        real values once (the training loop validates its first step only).
+        """
+        calls = self.calls[signature]
+        needed = max(self.min_calls, 2 if is_validation_enabled() else 1)
+        return calls >= needed and calls * RARE >= max(self.calls.values())
 
     def _tensors(self) -> list[tuple[str, torch.Tensor]]:
         """The program's parameters and buffers, by name: inputs of every graph."""

@@ -439,6 +439,15 @@ def _write_epoch(run: _Training, epoch: int, train_elbo: float, val: float, seco
     write_csv(run.out / runs.METRICS_FILE, pd.DataFrame(run.history, columns=METRIC_COLUMNS))
 
 
+def _report_compiled(static) -> None:
+    """One line after the first epoch of a compiled run: the compile time, or why the step runs as written."""
+    if static.fallback is None:
+        tqdm.write(f"compiled training step: {len(static.entries)} graph(s), captured and compiled in "
+                   f"{static.seconds:.1f} s")
+    else:
+        tqdm.write(f"compiled training step: off ({static.fallback}); the step runs as written")
+
+
 def _epochs(run: _Training, progress: bool) -> None:
     """Train from ``run.start_epoch`` until the last epoch, early stopping or divergence."""
     epochs = range(run.start_epoch, run.config.epochs + 1) if not run.stopped_early else range(0)
@@ -457,6 +466,8 @@ def _epochs(run: _Training, progress: bool) -> None:
                                        f"{_kept(run, last_epoch)}")
             _write_epoch(run, epoch, train_elbo, val, time.perf_counter() - started)
             last_epoch = epoch
+            if progress and epoch == run.start_epoch and run.trainer.loss_module.static is not None:
+                _report_compiled(run.trainer.loss_module.static)
             bar.set_postfix(epoch=epoch, train_elbo=f"{train_elbo:.3f}", val_elbo=f"{val:.3f}")
             bar.update(1)
             if run.stopped_early:

@@ -74,7 +74,7 @@ def test_each_objective_captured_gives_the_general_paths_value_and_gradients(nam
     particles = 1 if name in ("trace", "stl") else 3
     objective = make_objective(name, particles, 1, detached=program.parameters_detached)
     fn = _loss_fn(program, objective)
-    static = Static(fn, program, label=name, compile=False)
+    static = Static(fn, program, label=name, compile=False, min_calls=1)
     x = _x()
     for batch in range(3):  # a new batch's streams and new parameter values: the same graph
         streams = lambda: Streams(0, torch.arange(8) + 8 * batch, f"t/{batch}")  # noqa: E731
@@ -116,7 +116,7 @@ def test_a_program_from_pyros_tutorial_and_its_param_store_parameters_are_captur
         x = _x(6, dim) if dim == 784 else torch.randn(6, dim)
         program.check(x)
         fn = _loss_fn(program, make_objective("trace"))
-        static = Static(fn, program, label=name, compile=False)
+        static = Static(fn, program, label=name, compile=False, min_calls=1)
         reference = fn(x, streams=Streams(3, torch.arange(6), "t"))
         captured = static(x, streams=Streams(3, torch.arange(6), "t"))
         assert static.fallback is None, static.fallback
@@ -134,7 +134,7 @@ def test_draws_from_torchs_generator_are_fresh_on_every_call():
     def fn(x, *, streams=None, **_):
         return objective.loss(program.model, program.guide, x, None)
 
-    static = Static(fn, program, label="global generator", compile=False)
+    static = Static(fn, program, label="global generator", compile=False, min_calls=1)
     x = _x()
     with torch.no_grad():
         values = [float(static(x)) for _ in range(3)]
@@ -155,7 +155,7 @@ def test_a_new_shape_or_option_is_captured_anew_and_each_graph_stays_right():
     program = _vae()
     objective = make_objective("trace")
     fn = _loss_fn(program, objective)
-    static = Static(fn, program, label="shapes", compile=False)
+    static = Static(fn, program, label="shapes", compile=False, min_calls=1)
     for n, weight in ((8, 1.0), (5, 1.0), (8, 0.5), (8, 1.0)):
         objective.kl_weight = weight
         x = _x(n)
@@ -164,10 +164,25 @@ def test_a_new_shape_or_option_is_captured_anew_and_each_graph_stays_right():
     assert len(static.entries) == 3 and static.fallback is None
 
 
+def test_a_shape_seen_once_or_rarely_runs_as_written_and_is_never_compiled():
+    program = _vae()
+    fn = _loss_fn(program, make_objective("trace"))
+    static = Static(fn, program, label="the training step", compile=False)
+    static(_x(8), streams=Streams(0, torch.arange(8)))
+    assert static.entries == {}  # a first call runs as written
+    for _ in range(3):  # epochs of 9 full batches and one smaller last batch
+        for _ in range(9):
+            static(_x(8), streams=Streams(0, torch.arange(8)))
+        value = static(_x(3), streams=Streams(0, torch.arange(3)))
+        _assert_close(value, fn(_x(3), streams=Streams(0, torch.arange(3))))
+    assert len(static.entries) == 1 and static.fallback is None  # the full batches' graph only
+    assert sorted(static.calls.values()) == [3, 28]  # the last batch: 3 calls against 28, rare
+
+
 def test_too_many_signatures_fall_back_to_the_general_path_with_one_warning():
     program = _vae()
     fn = _loss_fn(program, make_objective("trace"))
-    static = Static(fn, program, label="the training step", compile=False, max_signatures=2)
+    static = Static(fn, program, label="the training step", compile=False, max_signatures=2, min_calls=1)
     static(_x(3), streams=Streams(0, torch.arange(3)))
     static(_x(4), streams=Streams(0, torch.arange(4)))
     with pytest.warns(UserWarning, match="the training step: the compiled path is off .*more than 2 different"):
@@ -197,7 +212,7 @@ class _Branching(nn.Module):
 def test_a_program_that_branches_on_values_runs_as_written_with_one_warning():
     program = Program(_Branching())
     fn = _loss_fn(program, make_objective("trace"))
-    static = Static(fn, program, label="the training step", compile=False)
+    static = Static(fn, program, label="the training step", compile=False, min_calls=1)
     x = torch.randn(4, 3).abs()
     with pytest.warns(UserWarning, match="the training step: the compiled path is off for this program "
                                          r"\(.*data-dependent"):
@@ -219,7 +234,7 @@ def test_a_parameter_outside_the_program_is_refused_not_frozen():
                 pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x[:, :1])
 
     program = Program(Leaky())
-    static = Static(_loss_fn(program, make_objective("trace")), program, label="leak", compile=False)
+    static = Static(_loss_fn(program, make_objective("trace")), program, label="leak", compile=False, min_calls=1)
     with pytest.warns(UserWarning, match="it reads a tensor held outside the program"):
         static(torch.randn(4, 3), streams=Streams(0, torch.arange(4)))
     assert static.fallback is not None
@@ -234,7 +249,7 @@ def test_a_failing_compiler_leaves_the_captured_graph_running_eagerly(monkeypatc
     monkeypatch.setattr(torch, "compile", failing)
     program = _vae()
     fn = _loss_fn(program, make_objective("trace"))
-    static = Static(fn, program, label="the training step")
+    static = Static(fn, program, label="the training step", min_calls=1)
     x = _x()
     with pytest.warns(UserWarning, match=r"the training step: torch.compile failed \(RuntimeError: backend compiler "
                                          r"failed\); the captured graph runs eagerly"):
@@ -270,11 +285,11 @@ def test_a_draw_the_streams_cannot_route_still_marks_them_inexact():
     program = Program(Discrete())
     static = Static(_loss_fn(program, make_objective("rws", 2, 1, detached=program.parameters_detached)), program,
                     label="d", compile=False)
-    for _ in range(2):
+    for _ in range(3):  # as written, then captured, then from the graph
         streams = Streams(0, torch.arange(4))
         static(torch.randn(4, 3), streams=streams)
         assert streams.exact is False
-    assert static.fallback is None
+    assert static.fallback is None and static.entries
 
 
 def test_static_path_is_shared_per_program_and_only_for_compiled_programs():
@@ -295,7 +310,7 @@ def test_the_built_in_guide_families_and_likelihoods_are_captured(options):
     x = _x() if options.get("likelihood") != "categorical" else torch.randint(0, 3, (8, 64)).float()
     program.check(x)
     fn = _loss_fn(program, make_objective("iwae", 3, 1))
-    static = Static(fn, program, label="families", compile=False)
+    static = Static(fn, program, label="families", compile=False, min_calls=1)
     captured = static(x, streams=Streams(0, torch.arange(8)))
     reference = fn(x, streams=Streams(0, torch.arange(8)))
     assert static.fallback is None, static.fallback
@@ -340,7 +355,7 @@ def test_iwae_chunks_run_one_graph_and_give_the_general_estimates(graph_only):
         _assert_close(a.value, b.value)
         _assert_close(a.stderr, b.stderr)
     static = static_path(None, program.model, "log-weights of a particle chunk")
-    assert static.fallback is None and len(static.entries) == 2  # chunks of 16 and the last one of 2
+    assert static.fallback is None and len(static.entries) == 1  # chunks of 16; the last one, of 2, is rare
 
 
 def test_hmc_and_ais_on_a_compiled_program_give_the_general_draws(graph_only):
@@ -430,7 +445,7 @@ def test_a_captured_graph_runs_its_cpu_products_through_onednn(monkeypatch):
 
     program = _vae()
     fn = _loss_fn(program, make_objective("trace"))
-    static = Static(fn, program, label="products", compile=False)
+    static = Static(fn, program, label="products", compile=False, min_calls=1)
     static(_x(), streams=Streams(0, torch.arange(8)))
     graph = next(iter(static.entries.values())).graph
     replaced = _use_onednn(graph) if torch.backends.mkldnn.is_available() else 0
@@ -461,7 +476,8 @@ def test_bfloat16_networks_are_captured_for_evaluation_and_train_as_written(grap
     trainer = Trainer(program, make_objective("trace"), torch.optim.Adam(program.parameters(), lr=1e-3))
     trainer.validate_next = False
     with pytest.warns(UserWarning, match="bf16 networks run under autocast"):
-        trainer.step(x, streams=Streams(0, torch.arange(8)))
+        for _ in range(2):  # the second call of the step's signature would capture it
+            trainer.step(x, streams=Streams(0, torch.arange(8)))
 
 
 def test_a_programs_compiled_paths_go_with_it():
@@ -481,3 +497,17 @@ def test_a_programs_compiled_paths_go_with_it():
     del program
     gc.collect()
     assert gone() is None
+
+
+def test_fit_with_compile_on_trains_compiled_and_says_what_it_cost(tmp_path, capsys):
+    from ppl_genmodels import fit
+
+    runs = {}
+    for setting in ("off", "on"):
+        runs[setting] = fit("vae", "digits", tmp_path / setting, epochs=2, hidden=[32], z_dim=4, compile=setting,
+                            eval_k=5, plots=False, evaluate=False, progress=setting == "on")
+    out = capsys.readouterr().out
+    assert "compiled training step: 1 graph(s), captured and compiled in" in out  # the last batch is rare
+    assert runs["on"].config.compile == "on"
+    np_on, np_off = runs["on"].metrics["val_elbo"].to_numpy(), runs["off"].metrics["val_elbo"].to_numpy()
+    assert abs(np_on - np_off).max() < 1e-3 * abs(np_off).max()
