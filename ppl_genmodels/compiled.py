@@ -279,7 +279,9 @@ class Static:
                 began = time.perf_counter()
                 try:
                     compiled = torch.compile(entry.graph, dynamic=False)
-                    out = compiled(*args)
+                    with warnings.catch_warnings():  # deprecations inside Inductor's own lowerings are not the user's
+                        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
+                        out = compiled(*args)
                     entry.run = compiled
                     return self._after(entry, streams, out)
                 except Exception as err:
