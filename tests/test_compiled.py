@@ -511,3 +511,18 @@ def test_fit_with_compile_on_trains_compiled_and_says_what_it_cost(tmp_path, cap
     assert runs["on"].config.compile == "on"
     np_on, np_off = runs["on"].metrics["val_elbo"].to_numpy(), runs["off"].metrics["val_elbo"].to_numpy()
     assert abs(np_on - np_off).max() < 1e-3 * abs(np_off).max()
+
+
+def test_the_command_line_fit_with_compile_on_records_it_and_reports_the_compile(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli(["fit", "--model", "vae", "--data", "digits", "--out", str(out), "--epochs", "2",
+                                    "--hidden", "32", "--z-dim", "4", "--compile", "on", "--no-plots",
+                                    "--eval-k", "5"])
+    assert code == 0, stderr
+    assert "compiled training step: 1 graph(s), captured and compiled in" in stdout + stderr
+    assert "compiled path is off" not in stdout + stderr
+    assert json.loads((out / "config.json").read_text())["compile"] == "on"
