@@ -223,7 +223,8 @@ class Static:
         settings = tuple(sorted((name, _static_key(value)) for name, value in options.items()))
         return (tuple(_describe(t) for t in tensors), params, stream, settings,
                 torch.is_grad_enabled() and not self.inner_grad,
-                torch.is_inference_mode_enabled(), self.program.training, torch.is_autocast_enabled())
+                torch.is_inference_mode_enabled(), self.program.training,
+                tuple(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")))  # no argument: CUDA's only
 
     def _give_up(self, reason: str) -> None:
         self.fallback = reason

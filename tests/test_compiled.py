@@ -179,6 +179,16 @@ def test_a_shape_seen_once_or_rarely_runs_as_written_and_is_never_compiled():
     assert sorted(static.calls.values()) == [3, 28]  # the last batch: 3 calls against 28, rare
 
 
+def test_a_callers_cpu_autocast_is_part_of_the_signature():
+    program = _vae()
+    static = Static(_loss_fn(program, make_objective("trace")), program, label="a", compile=False, min_calls=1)
+    with torch.no_grad():
+        static(_x(), streams=Streams(0, torch.arange(8)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            static(_x(), streams=Streams(0, torch.arange(8)))
+    assert len(static.entries) == 2
+
+
 def test_too_many_signatures_fall_back_to_the_general_path_with_one_warning():
     program = _vae()
     fn = _loss_fn(program, make_objective("trace"))
