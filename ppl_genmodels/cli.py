@@ -366,10 +366,12 @@ def main(argv=None) -> int:
         sys.stdout = _Silent()
         if hasattr(args, "quiet"):
             args.quiet = True
+    status = 1
     try:
-        return _run_command(args, report=here.rank == 0)
-    finally:
-        distributed.teardown()  # a gloo group left alive at exit can abort the interpreter
+        status = _run_command(args, report=here.rank == 0)
+        return status
+    finally:  # a gloo group left alive at exit can abort the interpreter; ranks that succeeded leave it together
+        distributed.teardown(synchronize=status == 0)
 
 
 class _Silent:

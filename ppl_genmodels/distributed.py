@@ -106,9 +106,18 @@ def setup(device: torch.device | str | None = None) -> World:
     return world()
 
 
-def teardown() -> None:
-    """Leave the process group (at the end of a command; also registered to run at exit)."""
+def teardown(synchronize: bool = False) -> None:
+    """Leave the process group (at the end of a command; also registered to run at exit).
+
+    ``synchronize``: first wait at a barrier until every rank is done with its collectives,
+    so that no rank destroys its ``gloo`` connections while a peer is still sending on them
+    (a peer's last broadcast, say); a rank that left early that way could abort at exit
+    (``terminate called without an active exception``). Only for a rank that finished
+    normally: after an error a peer may be dead, and the barrier would wait for it.
+    """
     if dist.is_available() and dist.is_initialized():
+        if synchronize and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -91,6 +91,55 @@ def test_the_validation_elbo_does_not_depend_on_the_batch_a_datapoint_is_in(tmp_
     assert validation_elbo(run.program, run.data, batch_size=512, seed=4) != large
 
 
+@pytest.mark.parametrize("outcome, synchronized", [(0, True), (2, False), ("raise", False)])
+def test_a_command_leaves_the_group_together_only_when_it_succeeded(monkeypatch, outcome, synchronized):
+    """Ranks that finished meet at a barrier before leaving; after an error a peer may be dead: no barrier."""
+    from ppl_genmodels import cli
+
+    calls = []
+
+    def command(args, report):
+        if outcome == "raise":
+            raise KeyError("boom")
+        return outcome
+
+    monkeypatch.setattr(cli, "_run_command", command)
+    monkeypatch.setattr(distributed, "teardown", lambda synchronize=False: calls.append(synchronize))
+    if outcome == "raise":
+        with pytest.raises(KeyError):
+            cli.main(["models"])
+    else:
+        assert cli.main(["models"]) == outcome
+    assert calls == [synchronized]
+
+
+def test_a_rank_that_finishes_first_waits_for_the_others_before_leaving(tmp_path):
+    """teardown(synchronize=True) under torchrun: rank 1 leaves only once rank 0, busy 2 s longer, is done."""
+    script = tmp_path / "leave.py"
+    script.write_text(textwrap.dedent("""
+        import time
+        import torch.distributed as dist
+        from ppl_genmodels import distributed
+
+        here = distributed.setup()
+        box = [None]
+        if here.rank == 0:
+            time.sleep(2.0)
+            box[0] = "done"
+        dist.broadcast_object_list(box, src=0)
+        if here.rank == 0:
+            time.sleep(2.0)  # still at work after the last collective
+        distributed.teardown(synchronize=True)
+        print("rank", here.rank, "left at", time.time(), "initialized", dist.is_initialized(), flush=True)
+    """))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], capture_output=True, text=True, timeout=WAIT, env=_env(), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    left = {int(m[0]): float(m[1]) for m in re.findall(r"rank (\d) left at ([\d.]+) initialized False", done.stdout)}
+    assert set(left) == {0, 1}
+    assert left[1] >= left[0] - 0.5  # rank 1 waited at the barrier for rank 0's last 2 s
+
+
 # --------------------------------------------------------------------------- #
 # the command line
 # --------------------------------------------------------------------------- #
