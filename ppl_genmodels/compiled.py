@@ -161,6 +161,7 @@ class Static:
         self.calls: dict[tuple, int] = {}  # calls of each signature
         self.fallback: str | None = None
         self.seconds = 0.0
+        self._named: tuple | None = None  # (modules, their contents' identities, named tensors): see _tensors
 
     @property
     def program(self) -> Program:
@@ -214,8 +215,26 @@ class Static:
         return calls >= needed and calls * RARE >= max(self.calls.values())
 
     def _tensors(self) -> list[tuple[str, torch.Tensor]]:
-        """The program's parameters and buffers, by name: inputs of every graph."""
-        return [*self.program.named_parameters(), *(("buffer:" + n, b) for n, b in self.program.named_buffers())]
+        """The program's parameters and buffers, by name: inputs of every graph.
+
+        Walking the module tree costs about 75 us a call (generators over every module),
+        as much as a small graph's kernels; the result is kept with the identities of what
+        every module holds, and found afresh the moment any parameter, buffer or submodule
+        is replaced, added or removed. The kept list holds the tensors, so their identities
+        cannot be reused by new objects while it is kept.
+        """
+        if self._named is not None:
+            refs, contents, named = self._named
+            modules = [ref() for ref in refs]
+            if None not in modules and _contents(modules) == contents:
+                return named
+        program = self.program
+        named = [*program.named_parameters(), *(("buffer:" + n, b) for n, b in program.named_buffers())]
+        modules = [m for _, m in program.named_modules(remove_duplicate=False)]
+        # the modules weakly (the program among them must stay free to go: static_path's table is weak);
+        # a module that went away invalidates the list, so no identity in it is ever reused
+        self._named = ([weakref.ref(m) for m in modules], _contents(modules), named)
+        return named
 
     def _signature(self, named, tensors, streams, options) -> tuple:
         params = tuple((name, tuple(p.shape), p.dtype, p.device, p.requires_grad) for name, p in named)
@@ -298,6 +317,11 @@ class Static:
             streams.exact = streams.exact and entry.exact
             streams._draws += entry.draws
         return out
+
+
+def _contents(modules: list[nn.Module]) -> list[int]:
+    """The identities of the parameters, buffers and submodules every module of ``modules`` holds, in order."""
+    return [id(v) for m in modules for table in (m._parameters, m._buffers, m._modules) for v in table.values()]
 
 
 # --- matrix products on the CPU through oneDNN ----------------------------------------------------------------

@@ -164,6 +164,31 @@ def test_a_new_shape_or_option_is_captured_anew_and_each_graph_stays_right():
     assert len(static.entries) == 3 and static.fallback is None
 
 
+def test_a_replaced_parameter_or_submodule_is_read_by_the_next_call():
+    """The program's tensors are found afresh when a parameter object or a submodule is swapped for another."""
+    program = _vae()
+    fn = _loss_fn(program, make_objective("trace"))
+    static = Static(fn, program, label="replaced", compile=False, min_calls=1)
+    x = _x(8)
+
+    def agree():
+        captured = static(x, streams=Streams(0, torch.arange(8), "t"))
+        _assert_close(captured, fn(x, streams=Streams(0, torch.arange(8), "t")))
+        return captured
+
+    before = agree()
+    layer = next(m for m in program.modules() if isinstance(m, torch.nn.Linear))
+    layer.weight = torch.nn.Parameter(layer.weight.detach() * 3.0)  # a new object, the same shape and name
+    after = agree()
+    assert not torch.allclose(before, after)
+    owner = next(m for m in program.modules() if any(c is layer for c in m.children()))
+    name = next(n for n, c in owner.named_children() if c is layer)
+    fresh = torch.nn.Linear(layer.in_features, layer.out_features)
+    setattr(owner, name, fresh)  # a new submodule
+    assert not torch.allclose(after, agree())
+    assert len(static.entries) == 1 and static.fallback is None
+
+
 def test_a_shape_seen_once_or_rarely_runs_as_written_and_is_never_compiled():
     program = _vae()
     fn = _loss_fn(program, make_objective("trace"))
