@@ -117,6 +117,7 @@ def test_a_rank_that_finishes_first_waits_for_the_others_before_leaving(tmp_path
     """teardown(synchronize=True) under torchrun: rank 1 leaves only once rank 0, busy 2 s longer, is done."""
     script = tmp_path / "leave.py"
     script.write_text(textwrap.dedent("""
+        import os
         import time
         import torch.distributed as dist
         from ppl_genmodels import distributed
@@ -130,13 +131,14 @@ def test_a_rank_that_finishes_first_waits_for_the_others_before_leaving(tmp_path
         if here.rank == 0:
             time.sleep(2.0)  # still at work after the last collective
         distributed.teardown(synchronize=True)
-        print("rank", here.rank, "left at", time.time(), "initialized", dist.is_initialized(), flush=True)
+        line = f"rank {here.rank} left at {time.time()} initialized {dist.is_initialized()}\\n"
+        os.write(1, line.encode())  # one write: the two ranks' lines must not interleave
     """))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(script)], capture_output=True, text=True, timeout=WAIT, env=_env(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     left = {int(m[0]): float(m[1]) for m in re.findall(r"rank (\d) left at ([\d.]+) initialized False", done.stdout)}
-    assert set(left) == {0, 1}
+    assert set(left) == {0, 1}, done.stdout
     assert left[1] >= left[0] - 0.5  # rank 1 waited at the barrier for rank 0's last 2 s
 
 
@@ -264,7 +266,9 @@ def test_fit_under_torchrun_from_the_python_api(tmp_path):
         from ppl_genmodels import fit, distributed
         run = fit("vae", "digits", {str(tmp_path / 'run')!r}, epochs=2, batch_size=16, max_examples=200,
                   hidden=[16], z_dim=3, progress=False, plots=False, eval_k=3)
-        print("rank", distributed.world().rank, "of", distributed.world().size, "epoch", run.epoch)
+        import os
+        here = distributed.world()
+        os.write(1, ("rank %d of %d epoch %d\\n" % (here.rank, here.size, run.epoch)).encode())  # one write per rank
     """))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(script)], capture_output=True, text=True, timeout=WAIT, env=_env(), cwd=tmp_path)
