@@ -47,14 +47,22 @@ compiled by ``torch.compile``, its backward included; the optimizer step is the 
 fused Adam. Its capture and compile time is printed with its warm-up, apart from the
 timed steps.
 
+*Hand-written, compiled*: with ``--compile on`` or ``both`` the hand-written step also
+runs with its loss through ``torch.compile`` ("hand compiled", ATen's products), and on
+a CPU with oneDNN once more with its layers' products through oneDNN as the toolkit's
+compiled graphs run them ("hand compiled+oneDNN"): the fastest this loop runs in
+PyTorch on the CPU, so ``toolkit compiled / hand compiled+oneDNN`` is what the Pyro
+program still costs over it once both are compiled. Their compile times fall in the
+warm-up.
+
 Usage::
 
     python benchmarks/train_step.py [--repeats 7] [--steps 50] [--warmup 20] [--block K]
                                     [--batch-size 128] [--n 4096] [--compile off|on|both]
                                     [--device auto|cpu|cuda] [--threads N]
 
-The last lines printed are ``median ratio (toolkit / hand-written): R`` and
-``median ratio (toolkit compiled / hand-written): R``.
+The last lines printed are ``median ratio (SIDE / hand-written): R`` for every other
+side and, when compiled, ``median ratio (toolkit compiled / hand compiled+oneDNN): R``.
 """
 
 from __future__ import annotations
@@ -88,10 +96,10 @@ MNIST_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 class HandVAE(nn.Module):
     """The same VAE without Pyro: plain layers and the ELBO written out."""
 
-    def __init__(self, x_dim: int = X_DIM, hidden: int = HIDDEN, z_dim: int = Z_DIM):
+    def __init__(self, x_dim: int = X_DIM, hidden: int = HIDDEN, z_dim: int = Z_DIM, linear=nn.Linear):
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(x_dim, hidden), nn.ReLU(), nn.Linear(hidden, 2 * z_dim))
-        self.decoder = nn.Sequential(nn.Linear(z_dim, hidden), nn.ReLU(), nn.Linear(hidden, x_dim))
+        self.encoder = nn.Sequential(linear(x_dim, hidden), nn.ReLU(), linear(hidden, 2 * z_dim))
+        self.decoder = nn.Sequential(linear(z_dim, hidden), nn.ReLU(), linear(hidden, x_dim))
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         """Negative single-sample ELBO (sampled KL), summed over the batch."""
@@ -105,15 +113,26 @@ class HandVAE(nn.Module):
         return -(log_px + log_pz - log_q).sum()
 
 
+class OneDNNLinear(nn.Linear):
+    """``nn.Linear`` whose product runs through oneDNN (``ppl_genmodels.compiled.onednn_linear``, differentiable):
+    the kernels the toolkit's compiled graphs use for float32 products on the CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ppl_genmodels.compiled import onednn_linear
+
+        return onednn_linear(x, self.weight, self.bias)
+
+
 class HandTrainer:
     """The hand-written counterpart of ``Trainer.step``."""
 
-    def __init__(self, model: HandVAE, optimizer: torch.optim.Optimizer):
+    def __init__(self, model: HandVAE, optimizer: torch.optim.Optimizer, compiled: bool = False):
         self.model = model
         self.optimizer = optimizer
+        self.loss = torch.compile(model.loss) if compiled else model.loss
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
-        loss = self.model.loss(x)
+        loss = self.loss(x)
         self.optimizer.zero_grad(set_to_none=True)
         (loss / x.shape[0]).backward()
         self.optimizer.step()
@@ -228,6 +247,15 @@ def main(argv=None) -> None:
         sides[name] = (ToolkitStep(trainer, args.batch_size), lambda b, p=program: objective.loss(p.model, p.guide, b))
     baseline = HandTrainer(hand, torch.optim.Adam(hand.parameters(), lr=LR, **fused))
     sides["hand-written"] = (baseline.step, hand.loss)
+    if args.compile != "off":  # PyTorch's own best on this loop: the same step through torch.compile
+        linears = {"hand compiled": nn.Linear}
+        if device.type == "cpu" and torch.backends.mkldnn.is_available():
+            linears["hand compiled+oneDNN"] = OneDNNLinear
+        for name, linear in linears.items():
+            twin = HandVAE(linear=linear).to(device)
+            twin.load_state_dict(hand.state_dict())
+            trainer = HandTrainer(twin, torch.optim.Adam(twin.parameters(), lr=LR, **fused), compiled=True)
+            sides[name] = (trainer.step, twin.loss)
 
     # Same weights, same noise: the objectives must give the same number.
     with torch.no_grad():
@@ -250,7 +278,7 @@ def main(argv=None) -> None:
     done_steps = args.warmup  # per side; every side sees the same batch sequence
     how = "one side after the other" if block == args.steps else f"alternating every {block} steps"
     print(f"timing {args.repeats} repeats x {args.steps} steps each ({how}); ms per step:")
-    print(f"{'repeat':>6}" + "".join(f"  {name:>16}" for name in sides)
+    print(f"{'repeat':>6}" + "".join(f"  {name:>20}" for name in sides)
           + "".join(f"  {name + ' / hand':>22}" for name in sides if name != "hand-written"))
 
     ratios = {name: [] for name in sides if name != "hand-written"}
@@ -263,7 +291,7 @@ def main(argv=None) -> None:
             done_steps += k
         for name in ratios:
             ratios[name].append(seconds[name] / seconds["hand-written"])
-        print(f"{r + 1:>6}" + "".join(f"  {1e3 * t / args.steps:>16.3f}" for t in seconds.values())
+        print(f"{r + 1:>6}" + "".join(f"  {1e3 * t / args.steps:>20.3f}" for t in seconds.values())
               + "".join(f"  {values[-1]:>22.3f}" for values in ratios.values()))
 
     with torch.no_grad():
@@ -273,6 +301,10 @@ def main(argv=None) -> None:
           + ", ".join(f"{name} {value:.2f}" for name, value in final.items()))
     for name, values in ratios.items():
         print(f"median ratio ({name} / hand-written): {statistics.median(values):.2f}")
+    floor = "hand compiled+oneDNN" if "hand compiled+oneDNN" in ratios else "hand compiled"
+    if "toolkit compiled" in ratios and floor in ratios:
+        versus = [a / b for a, b in zip(ratios["toolkit compiled"], ratios[floor])]
+        print(f"median ratio (toolkit compiled / {floor}): {statistics.median(versus):.2f}")
 
 if __name__ == "__main__":
     main()
