@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Normal
 
+from ppl_genmodels.compiled import onednn_linear
 from ppl_genmodels.inference.objectives import make_objective
 from ppl_genmodels.models.vae import VAE
 from ppl_genmodels.programs import Program
@@ -118,8 +119,6 @@ class OneDNNLinear(nn.Linear):
     the kernels the toolkit's compiled graphs use for float32 products on the CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ppl_genmodels.compiled import onednn_linear
-
         return onednn_linear(x, self.weight, self.bias)
 
 

@@ -68,8 +68,11 @@ from ppl_genmodels.inference.adaptation import TARGET_ACCEPT, adapt_step_size
 from ppl_genmodels.inference.importance import iwae_estimate
 from ppl_genmodels.traces import DATA_PLATE, LogJoint, TraceError, is_streams, observed_site, seeded_from
 
-__all__ = ["AISResult", "AnnealedPoint", "SCHEDULES", "sigmoid_schedule", "linear_schedule", "ais", "simulate",
-           "bdmc"]
+__all__ = ["AISResult", "AnnealedPoint", "SCHEDULES", "NUM_LEAPFROG", "sigmoid_schedule", "linear_schedule", "ais",
+           "simulate", "bdmc"]
+
+#: leapfrog steps of every HMC transition between two temperatures (the default of :func:`ais` and :func:`bdmc`)
+NUM_LEAPFROG = 10
 
 
 @dataclass
@@ -180,7 +183,7 @@ def ais(
     num_steps: int = 1000,
     num_chains: int = 16,
     start: str = "prior",
-    num_leapfrog: int = 10,
+    num_leapfrog: int = NUM_LEAPFROG,
     step_size: float = 0.1,
     target_accept: float = TARGET_ACCEPT,
     schedule: str = "sigmoid",
@@ -257,7 +260,7 @@ def bdmc(
     num_steps: int = 1000,
     num_chains: int = 16,
     start: str = "prior",
-    num_leapfrog: int = 10,
+    num_leapfrog: int = NUM_LEAPFROG,
     step_size: float = 0.1,
     target_accept: float = TARGET_ACCEPT,
     schedule: str = "sigmoid",

@@ -314,7 +314,7 @@ def _passes_per_datapoint(spec: EstimatorSpec, chains: int) -> int:
     if spec.kind in ("elbo", "iwae"):
         return spec.size or 0
     if spec.kind == "ais":
-        return spec.size * chains * ais_module.ais.__kwdefaults__["num_leapfrog"]  # the leapfrog steps AIS runs
+        return spec.size * chains * ais_module.NUM_LEAPFROG  # the leapfrog steps AIS runs
     return 0
 
 

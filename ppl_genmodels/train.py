@@ -39,8 +39,7 @@ from tqdm.auto import tqdm
 from ppl_genmodels import distributed, runs
 from ppl_genmodels.compiled import Static
 from ppl_genmodels.config import (OPTIMIZERS, ConfigError, RunConfig, build_model, check_model_file, compiles,
-                                  file_sha256,
-                                  is_instance, model_file, model_spec_string, resolve_device)
+                                  file_sha256, is_instance, model_file, model_spec_string, resolve_device)
 from ppl_genmodels.evaluation import evaluate_run
 from ppl_genmodels.inference.objectives import kl_weight, make_objective
 from ppl_genmodels.plots import plot_run

@@ -1,11 +1,24 @@
 """Shared fixtures."""
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from ppl_genmodels.models.ppca import PPCA
+
+
+PROGRAMS = Path(__file__).resolve().parent / "pyro_programs"
+
+
+def pyro_program(name: str):
+    """One of the Pyro programs of ``tests/pyro_programs``, imported from its file (they are no package)."""
+    spec = importlib.util.spec_from_file_location(f"pyro_programs_{name}", PROGRAMS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_ppca(n: int = 7, seed: int = 0):

@@ -3,9 +3,7 @@ general path, a guard that captures anew or falls back, and clear warnings where
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
-from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -13,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import pyro_program as _program_file
 from ppl_genmodels.compiled import Static, static_path
 from ppl_genmodels.inference.objectives import make_objective
 from ppl_genmodels.models.vae import VAE
@@ -20,15 +19,7 @@ from ppl_genmodels.programs import Program
 from ppl_genmodels.streams import Streams
 from ppl_genmodels.train import Trainer
 
-PROGRAMS = Path(__file__).resolve().parent / "pyro_programs"
 OBJECTIVES = ["trace", "stl", "iwae", "dreg", "rws", "renyi:0.5"]
-
-
-def _program_file(name: str):
-    spec = importlib.util.spec_from_file_location(f"pyro_programs_{name}", PROGRAMS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _vae(seed: int = 0, **kwargs) -> Program:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -14,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_cli
+from conftest import pyro_program as _program_file, run_cli
 from ppl_genmodels import cli, fit, load_run
 from ppl_genmodels.config import COMPILE_MIN_STEPS, compiles
 from ppl_genmodels.inference.importance import batched_estimates
@@ -22,16 +20,6 @@ from ppl_genmodels.models.vae import VAE
 from ppl_genmodels.programs import Program, _Network
 from ppl_genmodels.runs import load_checkpoint, save_checkpoint
 from ppl_genmodels.traces import log_weights
-
-PROGRAMS = Path(__file__).resolve().parent / "pyro_programs"
-
-
-def _program_file(name: str):
-    """One of the Pyro programs of ``tests/pyro_programs``, imported from its file."""
-    spec = importlib.util.spec_from_file_location(f"pyro_programs_{name}", PROGRAMS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _vae(guide: str = "diag", likelihood: str = "bernoulli", seed: int = 0) -> tuple[Program, torch.Tensor]:

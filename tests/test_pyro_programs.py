@@ -10,7 +10,6 @@ constructor rules, the param store and the contract errors one by one.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+from conftest import pyro_program as _module
 from ppl_genmodels import ConfigError, compare_run, evaluate_run, fit, load_run
 from ppl_genmodels.config import RunConfig, build_model
 from ppl_genmodels.evaluation import bdmc_run
@@ -33,12 +33,6 @@ from ppl_genmodels.traces import TraceError
 PROGRAMS = Path(__file__).parent / "pyro_programs"
 QUIET = dict(progress=False, plots=False)
 
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(f"pyro_programs_{name}", PROGRAMS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
