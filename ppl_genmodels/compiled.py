@@ -8,15 +8,15 @@ nothing new. :class:`Static` runs a function of the program's parameters (the SV
 loss of a minibatch, the log-weights of a particle chunk, the log-joint HMC and
 AIS evaluate) once with ``torch.fx``'s ``make_fx`` in fake-tensor mode, Pyro's
 handlers and all, and keeps only the tensor operations it recorded: one graph,
-which ``torch.compile`` (Inductor) then turns into fused kernels, its backward
-included. Later calls with the same *signature* run that graph and never enter
-Pyro.
+which Inductor (``torch.compile``'s compiler, called directly) then turns into
+fused kernels, its backward included. Later calls with the same *signature* run
+that graph and never enter Pyro.
 
 What makes this safe:
 
 - **Inputs, not constants.** The program's parameters (module and ``pyro.param``,
   swapped in with :meth:`Program.parameters_replaced`) and the per-datapoint
-  random streams' state (:meth:`Streams.state`: keys, shared key, particle offset)
+  random streams' state (:meth:`Streams.state`: indices, shared key, particle offset)
   are inputs of the graph, so an optimizer step, a new batch or the next chunk of
   particles need no new capture. A draw from torch's own generator is recorded as
   a random operation and draws afresh on every call.
@@ -238,7 +238,7 @@ class Static:
 
     def _signature(self, named, tensors, streams, options) -> tuple:
         params = tuple((name, tuple(p.shape), p.dtype, p.device, p.requires_grad) for name, p in named)
-        stream = None if streams is None else (len(streams), streams.keys.device, streams._draws)
+        stream = None if streams is None else (len(streams), streams.index.device, streams._draws)
         settings = tuple(sorted((name, _static_key(value)) for name, value in options.items()))
         return (tuple(_describe(t) for t in tensors), params, stream, settings,
                 torch.is_grad_enabled() and not self.inner_grad,
@@ -298,14 +298,14 @@ class Static:
             if self.compile:
                 began = time.perf_counter()
                 try:
-                    compiled = torch.compile(entry.graph, dynamic=False)
                     with warnings.catch_warnings():  # deprecations inside Inductor's own lowerings are not the user's
                         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
+                        compiled = _inductor(entry.graph, args)
                         out = compiled(*args)
                     entry.run = compiled
                     return self._after(entry, streams, out)
                 except Exception as err:
-                    warnings.warn(f"{self.label}: torch.compile failed ({type(err).__name__}: "
+                    warnings.warn(f"{self.label}: compiling failed ({type(err).__name__}: "
                                   f"{first_line(err, '')}); the captured graph runs eagerly", stacklevel=3)
                 finally:
                     self.seconds += time.perf_counter() - began
@@ -317,6 +317,37 @@ class Static:
             streams.exact = streams.exact and entry.exact
             streams._draws += entry.draws
         return out
+
+
+def _inductor(graph: torch.fx.GraphModule, args) -> Callable:
+    """``graph`` compiled by Inductor (its backward through AOTAutograd), called with the same nested arguments.
+
+    The graph goes to Inductor directly (``torch._inductor.compile``), not through
+    ``torch.compile``: TorchDynamo would trace the graph's code once more and check its
+    own guards on every call (40-100 us a call in the SVI step, against 1-3 ms of
+    work), and a :class:`Static` already checks a signature before it picks a graph.
+    The graph itself is kept as it is, to run eagerly if this fails.
+    """
+    from torch._guards import TracingContext, tracing
+    from torch._inductor import compile as inductor_compile
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    nested = graph.graph._codegen  # make_fx's: flattens the (parameters, inputs, state) lists, rebuilds the output
+    flat = torch.fx.Graph()  # a copy (Inductor may rewrite what it gets) with plain inputs and outputs
+    flat.output(flat.graph_copy(graph.graph, {}))
+    # example inputs as fake tensors of a mode with a shape environment, as TorchDynamo hands them over: the
+    # key of Inductor's on-disk caches is made from them (without one it compiles afresh in every process)
+    fake = FakeTensorMode(shape_env=ShapeEnv())
+    example = [fake.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a
+               for a in nested.process_inputs(*args)]
+    with tracing(TracingContext(fake)):
+        compiled = inductor_compile(torch.fx.GraphModule(graph, flat), example)
+
+    def run(*call_args):
+        return nested.process_outputs(compiled(*nested.process_inputs(*call_args)))
+
+    return run
 
 
 def _contents(modules: list[nn.Module]) -> list[int]:

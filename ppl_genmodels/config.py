@@ -201,7 +201,7 @@ class RunConfig:
                                     "log-densities, log-sum-exp and accumulators kept in float32",
                             choices=PRECISIONS, resumable=True)
     compile: str = option("auto", "run the hot paths (the training step, IWAE's particle chunks, the HMC/AIS "
-                                  "log-joint) as one captured graph each, compiled with torch.compile; a program "
+                                  "log-joint) as one captured graph each, compiled by Inductor (torch.compile's compiler); a program "
                                   "that is not static runs as written, with a warning: on, off, or auto, where it "
                                   "pays (training runs of at least 5,000 optimizer steps; long evaluations)",
                           choices=COMPILE_CHOICES, resumable=True)

@@ -117,20 +117,32 @@ class Streams:
         self.seed, self.purpose = int(seed), str(purpose)
         self.index = index.to(device) if device is not None else index
         self.base = _mix_int(_mix_int(self.seed) ^ stable_hash(self.purpose))
-        self.keys = mix(self.index ^ self.base)  # [batch]
         self.base_key = torch.full((), self.base, dtype=torch.int64, device=self.index.device)
+        self._keys: torch.Tensor | None = None
         self.particle_offset = 0
         self.exact = True
         self._draws = 0
 
+    @property
+    def keys(self) -> torch.Tensor:
+        """Every datapoint's key ``[batch]``, mixed from its index and the shared key when first needed.
+
+        Not at construction: the training loop makes new streams for every minibatch, and a
+        compiled step mixes the keys inside its graph (from :meth:`state`), where it costs
+        nothing next to the 12 small eager operations it would take here.
+        """
+        if self._keys is None:
+            self._keys = mix(self.index ^ self.base_key)
+        return self._keys
+
     # --- the state a captured graph takes as inputs (ppl_genmodels.compiled) -----------------------------------
 
     def state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The tensors every draw is computed from: the keys, the shared key and the particle offset."""
+        """The tensors every draw is computed from: the indices, the shared key and the particle offset."""
         offset = torch.tensor(self.particle_offset, dtype=torch.int64)
-        return self.keys, self.base_key, offset
+        return self.index, self.base_key, offset
 
-    def with_state(self, keys: torch.Tensor, base_key: torch.Tensor, offset: torch.Tensor) -> "Streams":
+    def with_state(self, index: torch.Tensor, base_key: torch.Tensor, offset: torch.Tensor) -> "Streams":
         """A copy whose draws are computed from these tensors instead (graph inputs while a graph is captured).
 
         Python-side counters (``exact``, the draw counter) start as this object's; a caller
@@ -138,7 +150,7 @@ class Streams:
         """
         copy = object.__new__(Streams)
         copy.__dict__.update(self.__dict__)
-        copy.keys, copy.base_key, copy.particle_offset = keys, base_key, offset
+        copy.index, copy.base_key, copy.particle_offset, copy._keys = index, base_key, offset, None
         return copy
 
     def __len__(self) -> int:
@@ -161,7 +173,7 @@ class Streams:
     def _bits(self, shape, data_dim: int | None, tag: int, particle_dim: int | None = None) -> torch.Tensor:
         """Mixed int64 values of a draw of ``shape``: datapoint keys along ``data_dim``, counters elsewhere."""
         shape = torch.Size(shape)
-        device = self.keys.device
+        device = self.index.device
         draw = _mix_int(tag)
         if data_dim is None:
             keys = self.base_key

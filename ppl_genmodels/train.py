@@ -157,6 +157,20 @@ def _fused(optimizer) -> bool:
         group.get("fused") for group in optimizer.param_groups)
 
 
+def _clear_gradients(optimizer) -> None:
+    """``optimizer.zero_grad(set_to_none=True)``, without its profiling wrapper for torch's own optimizers.
+
+    The wrapper costs about 30 us a step (1% of an MNIST step); an optimizer that defines its
+    own ``zero_grad`` is called as it is.
+    """
+    if type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad:
+        optimizer.zero_grad(set_to_none=True)
+        return
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            parameter.grad = None
+
+
 class Trainer:
     """One model, its objective and optimizer; ``step`` is one SVI update on a minibatch.
 
@@ -196,9 +210,10 @@ class Trainer:
         with pyro.validation_enabled(self.validate_next):
             loss = (self.ddp or self.loss_module)(x, y, streams)
         self.validate_next = False
-        self.optimizer.zero_grad(set_to_none=True)
+        _clear_gradients(self.optimizer)
         (loss * (1.0 / x.shape[0] if scale is None else scale)).backward()
-        bad = (~torch.isfinite(loss.detach())).float()
+        value = loss.detach()
+        bad = torch.isnan(value - value).float()  # 1 for an infinite or NaN loss: inf - inf is NaN
         if self.ddp is not None:
             bad = distributed.all_max(bad)
         self.skipped = bad  # 1 when this step's update was skipped: the same on every rank
@@ -207,7 +222,7 @@ class Trainer:
             self.optimizer.step()
         elif not bad.item():
             self.optimizer.step()
-        return loss.detach()
+        return value
 
 
 @dataclass

@@ -98,6 +98,32 @@ def test_the_inductor_compiled_step_trains_like_the_general_one():
     assert static is not None and static.compile
 
 
+def test_a_compiled_graph_runs_without_dynamo_and_a_second_compile_of_it_comes_from_inductors_cache(monkeypatch):
+    """The graph goes to Inductor directly (TorchDynamo's guards would repeat the signature check on every call),
+    with example inputs that let Inductor's caches key it: the same graph compiled again (a later process, or
+    here a second program) is a cache hit, not a bypass."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    if not inductor_config.fx_graph_cache:
+        pytest.skip("Inductor's FX graph cache is off in this environment")
+    x = _x(16)
+    hits = []
+    for _ in range(2):
+        counters.clear()
+        program = _vae().accelerate(compile=True)
+        trainer = Trainer(program, make_objective("trace"), torch.optim.Adam(program.parameters(), lr=1e-2))
+        trainer.validate_next = False
+        monkeypatch.setattr(torch, "compile", None)  # TorchDynamo is not used
+        for i in range(3):
+            trainer.step(x, streams=Streams(0, torch.arange(16), f"e{i}"))
+        monkeypatch.undo()
+        assert trainer.loss_module.static.fallback is None and len(trainer.loss_module.static.entries) == 1
+        assert counters["inductor"]["fxgraph_cache_bypass"] == 0
+        hits.append(counters["inductor"]["fxgraph_cache_hit"])
+    assert hits[1] >= 2  # the forward and the backward graph
+
+
 def test_a_program_from_pyros_tutorial_and_its_param_store_parameters_are_captured():
     """``pyro.module`` networks and ``pyro.param`` values (constrained too) are inputs of the graph."""
     for name, build, dim in (("tutorial_vae", lambda m: m.VAE(z_dim=3, hidden_dim=16), 784),
@@ -267,17 +293,19 @@ def test_a_parameter_outside_the_program_is_refused_not_frozen():
 
 
 def test_a_failing_compiler_leaves_the_captured_graph_running_eagerly(monkeypatch):
-    def failing(fn, *args, **kwargs):
+    import torch._inductor
+
+    def failing(graph, example_inputs, *args, **kwargs):
         def compiled(*a, **kw):
             raise RuntimeError("backend compiler failed\nwith a long story")
         return compiled
 
-    monkeypatch.setattr(torch, "compile", failing)
+    monkeypatch.setattr(torch._inductor, "compile", failing)
     program = _vae()
     fn = _loss_fn(program, make_objective("trace"))
     static = Static(fn, program, label="the training step", min_calls=1)
     x = _x()
-    with pytest.warns(UserWarning, match=r"the training step: torch.compile failed \(RuntimeError: backend compiler "
+    with pytest.warns(UserWarning, match=r"the training step: compiling failed \(RuntimeError: backend compiler "
                                          r"failed\); the captured graph runs eagerly"):
         value = static(x, streams=Streams(0, torch.arange(8)))
     _assert_close(value, fn(x, streams=Streams(0, torch.arange(8))))
@@ -352,11 +380,11 @@ def test_the_built_in_guide_families_and_likelihoods_are_captured(options):
 
 @pytest.fixture
 def graph_only(monkeypatch):
-    """torch.compile as the identity and ATen's products: the captured graphs run the general path's kernels, so
+    """Inductor as the identity and ATen's products: the captured graphs run the general path's kernels, so
     they must match it to the last bit (HMC's chains would magnify any rounding difference)."""
     import ppl_genmodels.compiled as compiled
 
-    monkeypatch.setattr(torch, "compile", lambda graph, **kwargs: graph)
+    monkeypatch.setattr(compiled, "_inductor", lambda graph, args: graph)
     monkeypatch.setattr(compiled, "_LINEAR", None)
 
 

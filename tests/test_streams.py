@@ -147,3 +147,19 @@ def test_a_discrete_latent_drawn_by_multinomial_is_not_exact():
         pyro.sample("z", dist.Normal(torch.zeros(6), 1.0))
     assert routed.exact
 
+
+
+def test_keys_are_mixed_from_the_index_and_the_state_gives_the_same_draws():
+    from ppl_genmodels.streams import _mix_int, mix, stable_hash
+
+    streams = Streams(3, torch.tensor([0, 5, 9]), "train/2")
+    base = _mix_int(_mix_int(3) ^ stable_hash("train/2"))
+    assert torch.equal(streams.keys, mix(torch.tensor([0, 5, 9]) ^ base))
+    index, base_key, offset = streams.state()
+    assert torch.equal(index, torch.tensor([0, 5, 9])) and int(base_key) == base and int(offset) == 0
+    twin = Streams(3, torch.tensor([0, 5, 9]), "train/2").with_state(index.clone(), base_key.clone(), offset)
+    assert torch.equal(twin.normal((4, 3, 2)), streams.normal((4, 3, 2)))
+    other = streams.with_state(torch.tensor([0, 5, 8]), base_key, offset)  # another datapoint: another stream
+    row = other.uniform((3, 2), data_dim=0)
+    assert torch.equal(row[:2], streams.uniform((3, 2), data_dim=0, tag=2)[:2]) and not torch.equal(
+        row[2], streams.uniform((3, 2), data_dim=0, tag=2)[2])

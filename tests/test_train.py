@@ -427,3 +427,69 @@ def test_resume_with_raised_patience_continues_an_early_stopped_run(tmp_path, mo
     # bad_epochs is 1 of a new patience of 3: two more epochs without improvement are allowed
     run = fit(out=out, resume=True, patience=3, progress=False, plots=False, evaluate=False)
     assert run.metrics["epoch"].tolist() == [1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------- #
+# Trainer.step: the guard against a non-finite loss, and clearing the gradients
+# --------------------------------------------------------------------------- #
+
+
+class _Scalar(torch.nn.Module):
+    """A program with one parameter whose loss is ``factor * w.sum()`` (``factor`` set by the test)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+
+    def model(self, x, y=None):
+        pass
+
+    guide = model
+
+
+class _Objective:
+    def __init__(self, program):
+        self.program, self.factor = program, 1.0
+
+    def loss(self, model, guide, x, y=None):
+        return self.factor * self.program.w.sum()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("factor, skipped", [(1.0, 0.0), (float("inf"), 1.0), (float("-inf"), 1.0),
+                                             (float("nan"), 1.0)])
+def test_a_step_with_a_non_finite_loss_changes_no_parameter(fused, factor, skipped):
+    program = _Scalar()
+    objective = _Objective(program)
+    trainer = train_module.Trainer(program, objective, torch.optim.Adam(program.parameters(), lr=0.1, fused=fused))
+    objective.factor = factor
+    loss = trainer.step(torch.zeros(2, 1))
+    assert float(trainer.skipped) == skipped
+    assert torch.equal(loss, torch.tensor(factor * 3.0)) or (loss.isnan() and np.isnan(factor))
+    moved = not torch.equal(program.w.detach(), torch.ones(3))
+    assert moved == (skipped == 0.0)
+    objective.factor = 1.0  # the next finite step moves the parameter, from fresh gradients
+    trainer.step(torch.zeros(2, 1))
+    assert float(trainer.skipped) == 0.0 and not torch.equal(program.w.detach(), torch.ones(3))
+
+
+def test_each_step_starts_from_cleared_gradients_and_an_optimizers_own_zero_grad_is_called():
+    program = _Scalar()
+    objective = _Objective(program)
+    sgd = torch.optim.SGD(program.parameters(), lr=1.0)
+    trainer = train_module.Trainer(program, objective, sgd)
+    for _ in range(2):  # the gradient of w.sum() / 2 is 1/2 each step, not accumulated
+        trainer.step(torch.zeros(2, 1))
+        assert torch.equal(program.w.grad, torch.full((3,), 0.5))
+    assert torch.equal(program.w.detach(), torch.zeros(3))
+
+    calls = []
+
+    class Counting(torch.optim.SGD):
+        def zero_grad(self, set_to_none=True):
+            calls.append(set_to_none)
+            super().zero_grad(set_to_none)
+
+    trainer = train_module.Trainer(program, objective, Counting(program.parameters(), lr=1.0))
+    trainer.step(torch.zeros(2, 1))
+    assert calls == [True] and torch.equal(program.w.grad, torch.full((3,), 0.5))
