@@ -476,7 +476,11 @@ class ToolkitEpoch:
 
         program, trainer = self.program, self.trainer
         program.module.load_state_dict(self.init_state)  # in place: the same parameters, the initial values
-        trainer.optimizer = torch.optim.Adam(program.parameters(), lr=LR, fused=True)  # fresh moments
+        # fresh moments: the state zeroed in place, which Adam treats as a fresh optimizer's (the step counts
+        # restart at 0), so that every step after the cold call runs as fit's do after its first
+        for state in trainer.optimizer.state.values():
+            for value in state.values():
+                value.zero_()
         purpose = f"train/{repeat}"  # new draws in every repeat: the spread shows the training noise
         total = torch.zeros((), dtype=torch.float64)
         t0 = time.perf_counter()

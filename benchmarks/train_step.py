@@ -42,10 +42,11 @@ the toolkit's training-step wrapper, over the bare tensor computation.
 
 *Compiled*: with ``--compile on`` or ``both`` (the default) the toolkit's step also
 runs as ``fit --compile on`` runs it: the whole loss (Pyro's handlers, the objective,
-the streams' draws) captured once as one graph by ``ppl_genmodels.compiled.Static`` and
-compiled by ``torch.compile``, its backward included; the optimizer step is the same
-fused Adam. Its capture and compile time is printed with its warm-up, apart from the
-timed steps.
+the streams' draws), its gradients and the Adam update captured once as one graph by
+``ppl_genmodels.compiled.Static`` and compiled by Inductor; the graph writes the
+parameters and the optimizer's state in place (the first step, which creates the
+optimizer's state, runs the general path). Its capture and compile time is printed
+with its warm-up, apart from the timed steps.
 
 *Hand-written, compiled*: with ``--compile on`` or ``both`` the hand-written step also
 runs with its loss through ``torch.compile`` ("hand compiled", ATen's products), and on

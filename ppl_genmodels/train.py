@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import pyro
 import torch
+import torch.optim.optimizer as _optimizer_module
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -157,6 +158,103 @@ def _fused(optimizer) -> bool:
         group.get("fused") for group in optimizer.param_groups)
 
 
+class _AdamInGraph:
+    """The training step and its Adam update as one compiled graph, for a compiled program in one process.
+
+    ``Trainer.step`` on a compiled program otherwise runs three pieces: the loss's compiled
+    graph (forward), its backward through autograd, and the optimizer's fused kernel.
+    Here one :class:`~ppl_genmodels.compiled.Static` (``inner_grad``: the gradients taken
+    inside, the backward recorded as plain operations) computes the loss, its gradients
+    and ``torch.optim.Adam``'s update, and writes the new parameters and the optimizer's
+    own state (``step``, ``exp_avg``, ``exp_avg_sq``) in place: no autograd engine, no
+    ``.grad`` tensors, no optimizer call, and Inductor fuses the update into the graph's
+    kernels. The optimizer stays the one the run checkpoints: its state is the state the
+    graph reads and writes, so resuming, ``state_dict`` and a later step of the general
+    path see the same numbers. A non-finite loss leaves the parameters and the state as
+    they were (the same rule as the fused optimizers' ``found_inf``).
+
+    It takes over only where it gives what ``optimizer.step()`` would, to float32
+    rounding: exactly ``torch.optim.Adam`` (not a subclass), a float learning rate, no
+    AMSGrad, capturable, differentiable or decoupled weight decay, no optimizer hooks,
+    float32 networks, and once every parameter has its state (after the first step,
+    which the general path takes). Otherwise, and for good once its capture failed, the
+    step runs as before.
+    """
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+        self.static = Static(self._step, trainer.model, label="the training step with its Adam update",
+                             inner_grad=True, min_calls=1)
+        self._names: tuple[tuple[int, ...], tuple[str, ...]] | None = None  # (parameters' ids, their names)
+
+    def __call__(self, x, y, streams, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(loss, skipped)`` after the step and update, or None when the general path must take this step."""
+        optimizer = self.trainer.optimizer
+        if self.static.fallback is not None or type(optimizer) is not torch.optim.Adam or \
+                optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks or \
+                _optimizer_module._global_optimizer_pre_hooks or _optimizer_module._global_optimizer_post_hooks or \
+                self.trainer.model.acceleration["precision"] != "fp32":
+            return None
+        params, hyper, slots = [], [], ([], [], [])
+        for group in optimizer.param_groups:
+            if group["amsgrad"] or group["capturable"] or group["differentiable"] or \
+                    group.get("decoupled_weight_decay") or not isinstance(group["lr"], float):
+                return None
+            settings = (group["lr"], *group["betas"], group["eps"], group["weight_decay"], group["maximize"])
+            for p in group["params"]:
+                state = optimizer.state.get(p)
+                if not state or "exp_avg" not in state or not p.requires_grad:
+                    return None
+                params.append(p)
+                hyper.append(settings)
+                for slot, key in zip(slots, ("step", "exp_avg", "exp_avg_sq")):
+                    slot.append(state[key])
+        names = self._parameter_names(params)
+        if names is None:
+            return None
+        objective = self.trainer.objective
+        out = self.static(x, y, *slots[0], *slots[1], *slots[2], streams=streams, scale=scale, names=names,
+                          hyper=tuple(hyper), kl_weight=getattr(objective, "kl_weight", None))
+        return None if self.static.fallback is not None and out is None else out
+
+    def _parameter_names(self, params: list) -> tuple[str, ...] | None:
+        """The program's names of the optimizer's parameters (None if one is not the program's)."""
+        ids = tuple(map(id, params))
+        if self._names is None or self._names[0] != ids:
+            names = {id(p): name for name, p in self.trainer.model.named_parameters()}
+            if not all(i in names for i in ids):
+                return None
+            self._names = ids, tuple(names[i] for i in ids)
+        return self._names[1]
+
+    def _step(self, x, y, *slots, streams=None, scale: float, names: tuple, hyper: tuple, **_):
+        """Loss, gradients and Adam's update of every parameter, written in place; returns ``(loss, skipped)``."""
+        n = len(names)
+        steps, exp_avgs, exp_avg_sqs = slots[:n], slots[n:2 * n], slots[2 * n:]
+        current = dict(self.trainer.model.named_parameters())  # inside a capture: the graph's inputs
+        params = [current[name] for name in names]
+        with torch.enable_grad():
+            loss = self.trainer.loss_module._loss(x, y, streams=streams)
+            grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
+        value = loss.detach()
+        bad = torch.isnan(value - value)  # an infinite or NaN loss: nothing moves
+        with torch.no_grad():
+            for p, g, step, m, v, (lr, beta1, beta2, eps, decay, maximize) in zip(
+                    params, grads, steps, exp_avgs, exp_avg_sqs, hyper):
+                if g is None:  # torch.optim.Adam leaves a parameter without a gradient alone
+                    continue
+                g = -g if maximize else g
+                g = g + decay * p if decay else g
+                t = step + 1
+                m_new = m + (g - m) * (1 - beta1)
+                v_new = v * beta2 + g * g * (1 - beta2)
+                bias1, bias2 = 1 - torch.pow(beta1, t), 1 - torch.pow(beta2, t)
+                p_new = p - (lr / bias1) * m_new / (v_new.sqrt() / bias2.sqrt() + eps)
+                for old, new in ((p, p_new), (m, m_new), (v, v_new), (step, t)):
+                    old.copy_(torch.where(bad, old, new))
+        return value, bad.float()
+
+
 def _clear_gradients(optimizer) -> None:
     """``optimizer.zero_grad(set_to_none=True)``, without its profiling wrapper for torch's own optimizers.
 
@@ -188,17 +286,24 @@ class Trainer:
         self.skipped = None  # after a step: 1 (a device tensor) when its update was skipped on every rank, else 0
         self.loss_module = _Loss(model, objective)
         self.ddp = None
+        # a compiled program in one process: the step and its Adam update as one graph, where it applies
+        self.in_graph = _AdamInGraph(self) if self.loss_module.static is not None else None
         if distributed.world().distributed:
             device = next(model.parameters()).device
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.loss_module, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=probe is None or _has_unused(self.loss_module, *probe))
+            self.in_graph = None
 
     @property
     def compile_seconds(self) -> float:
         """Seconds spent capturing and compiling the training step so far (0 when it is not compiled)."""
-        static = self.loss_module.static
-        return 0.0 if static is None else static.seconds
+        return sum(static.seconds for static in self.statics)
+
+    @property
+    def statics(self) -> list[Static]:
+        """The compiled paths of the step (the loss alone, the loss with the Adam update); empty when not compiled."""
+        return [static for static in (self.loss_module.static, self.in_graph and self.in_graph.static) if static]
 
     def step(self, x, y=None, *, streams: Streams | None = None, scale: float | None = None) -> torch.Tensor:
         """One gradient step on the loss times ``scale`` (default 1 / batch).
@@ -207,11 +312,17 @@ class Trainer:
         when it is NaN or infinite on any rank, no parameter changed. ``streams``: the
         datapoints' random streams (default: torch's global generator).
         """
+        scale = 1.0 / x.shape[0] if scale is None else scale
+        if self.in_graph is not None and not self.validate_next:
+            done = self.in_graph(x, y, streams, scale)
+            if done is not None:
+                value, self.skipped = done
+                return value
         with pyro.validation_enabled(self.validate_next):
             loss = (self.ddp or self.loss_module)(x, y, streams)
         self.validate_next = False
         _clear_gradients(self.optimizer)
-        (loss * (1.0 / x.shape[0] if scale is None else scale)).backward()
+        (loss * scale).backward()
         value = loss.detach()
         bad = torch.isnan(value - value).float()  # 1 for an infinite or NaN loss: inf - inf is NaN
         if self.ddp is not None:
@@ -453,13 +564,17 @@ def _write_epoch(run: _Training, epoch: int, train_elbo: float, val: float, seco
     write_csv(run.out / runs.METRICS_FILE, pd.DataFrame(run.history, columns=METRIC_COLUMNS))
 
 
-def _report_compiled(static) -> None:
+def _report_compiled(trainer: Trainer) -> None:
     """One line after the first epoch of a compiled run: the compile time, or why the step runs as written."""
-    if static.fallback is None:
-        tqdm.write(f"compiled training step: {len(static.entries)} graph(s), captured and compiled in "
-                   f"{static.seconds:.1f} s")
+    statics = trainer.statics
+    graphs = sum(len(static.entries) for static in statics)
+    update = " (with its Adam update)" if trainer.in_graph is not None and trainer.in_graph.static.entries else ""
+    if graphs or all(static.fallback is None for static in statics):
+        tqdm.write(f"compiled training step{update}: {graphs} graph(s), captured and compiled in "
+                   f"{trainer.compile_seconds:.1f} s")
     else:
-        tqdm.write(f"compiled training step: off ({static.fallback}); the step runs as written")
+        reason = next(static.fallback for static in statics if static.fallback is not None)
+        tqdm.write(f"compiled training step: off ({reason}); the step runs as written")
 
 
 def _epochs(run: _Training, progress: bool) -> None:
@@ -480,8 +595,8 @@ def _epochs(run: _Training, progress: bool) -> None:
                                        f"{_kept(run, last_epoch)}")
             _write_epoch(run, epoch, train_elbo, val, time.perf_counter() - started)
             last_epoch = epoch
-            if progress and epoch == run.start_epoch and run.trainer.loss_module.static is not None:
-                _report_compiled(run.trainer.loss_module.static)
+            if progress and epoch == run.start_epoch and run.trainer.statics:
+                _report_compiled(run.trainer)
             bar.set_postfix(epoch=epoch, train_elbo=f"{train_elbo:.3f}", val_elbo=f"{val:.3f}")
             bar.update(1)
             if run.stopped_early:
