@@ -103,6 +103,8 @@ def _static_key(value):
     A bound method enters as its object's identity and its function, so that a signature
     holds no reference to the program (whose own table of Statics it is part of).
     """
+    if value is None or type(value) in (bool, int, float, str):  # most options: themselves, at once
+        return value
     key = getattr(value, "static_key", None)
     if callable(key):
         return ("object", type(value).__qualname__, _static_key(key()))
@@ -343,9 +345,14 @@ def _inductor(graph: torch.fx.GraphModule, args) -> Callable:
                for a in nested.process_inputs(*args)]
     with tracing(TracingContext(fake)):
         compiled = inductor_compile(torch.fx.GraphModule(graph, flat), example)
-
-    def run(*call_args):
-        return nested.process_outputs(compiled(*nested.process_inputs(*call_args)))
+    # the three lists flattened by hand, where that is what the pytree flattening gives (it skips the Nones)
+    direct = [a for group in args for a in group if a is not None]
+    if len(direct) == len(example) and all(a is b for a, b in zip(direct, nested.process_inputs(*args))):
+        def run(*call_args):
+            return nested.process_outputs(compiled(*[a for group in call_args for a in group if a is not None]))
+    else:
+        def run(*call_args):
+            return nested.process_outputs(compiled(*nested.process_inputs(*call_args)))
 
     return run
 

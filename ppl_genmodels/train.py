@@ -195,27 +195,27 @@ class _AdamInGraph:
                 _optimizer_module._global_optimizer_pre_hooks or _optimizer_module._global_optimizer_post_hooks or \
                 self.trainer.model.acceleration["precision"] != "fp32":
             return None
-        params, hyper, slots = [], [], ([], [], [])
+        params, groups, slots = [], [], ([], [], [])
         for group in optimizer.param_groups:
             if group["amsgrad"] or group["capturable"] or group["differentiable"] or \
                     group.get("decoupled_weight_decay") or not isinstance(group["lr"], float):
                 return None
-            settings = (group["lr"], *group["betas"], group["eps"], group["weight_decay"], group["maximize"])
+            groups.append((len(group["params"]), group["lr"], *group["betas"], group["eps"], group["weight_decay"],
+                           group["maximize"]))
             for p in group["params"]:
                 state = optimizer.state.get(p)
                 if not state or "exp_avg" not in state or not p.requires_grad:
                     return None
                 params.append(p)
-                hyper.append(settings)
-                for slot, key in zip(slots, ("step", "exp_avg", "exp_avg_sq")):
-                    slot.append(state[key])
+                slots[0].append(state["step"])
+                slots[1].append(state["exp_avg"])
+                slots[2].append(state["exp_avg_sq"])
         names = self._parameter_names(params)
         if names is None:
             return None
         objective = self.trainer.objective
-        out = self.static(x, y, *slots[0], *slots[1], *slots[2], streams=streams, scale=scale, names=names,
-                          hyper=tuple(hyper), kl_weight=getattr(objective, "kl_weight", None))
-        return None if self.static.fallback is not None and out is None else out
+        return self.static(x, y, *slots[0], *slots[1], *slots[2], streams=streams, scale=scale, names=names,
+                           groups=tuple(groups), kl_weight=getattr(objective, "kl_weight", None))
 
     def _parameter_names(self, params: list) -> tuple[str, ...] | None:
         """The program's names of the optimizer's parameters (None if one is not the program's)."""
@@ -227,7 +227,7 @@ class _AdamInGraph:
             self._names = ids, tuple(names[i] for i in ids)
         return self._names[1]
 
-    def _step(self, x, y, *slots, streams=None, scale: float, names: tuple, hyper: tuple, **_):
+    def _step(self, x, y, *slots, streams=None, scale: float, names: tuple, groups: tuple, **_):
         """Loss, gradients and Adam's update of every parameter, written in place; returns ``(loss, skipped)``."""
         n = len(names)
         steps, exp_avgs, exp_avg_sqs = slots[:n], slots[n:2 * n], slots[2 * n:]
@@ -238,6 +238,7 @@ class _AdamInGraph:
             grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
         value = loss.detach()
         bad = torch.isnan(value - value)  # an infinite or NaN loss: nothing moves
+        hyper = [settings for size, *settings in groups for _ in range(size)]  # each parameter's group's
         with torch.no_grad():
             for p, g, step, m, v, (lr, beta1, beta2, eps, decay, maximize) in zip(
                     params, grads, steps, exp_avgs, exp_avg_sqs, hyper):
