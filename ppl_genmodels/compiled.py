@@ -321,6 +321,71 @@ class Static:
         return out
 
 
+# --- the inverse normal CDF in operations Inductor vectorizes ---------------------------------------------------
+#
+# The streams' normals are the inverse CDF of 53-bit uniforms (torch.special.ndtri in float64, then float32).
+# Inductor compiles ndtri as a scalar call per element: 1.75 ms for the 200,000 normals of one IWAE particle
+# chunk on this project's CPU, a fifth of the chunk. A compiled graph computes them instead with P. J.
+# Acklam's rational approximation of the inverse normal CDF ("An algorithm for computing the inverse normal
+# cumulative distribution function", 2003; relative error below 1.15e-9): a rational function of
+# (p - 1/2)^2 for 0.02425 <= p <= 1 - 0.02425, and of sqrt(-2 log p) (or of 1 - p) in the tails, all
+# elementwise operations that vectorize (0.21 ms for the same chunk). In float64 its error is below
+# float32's resolution, so a draw is the general path's float32 value or one of its two neighbours (a
+# difference of one unit in the last place, in about 1% of draws): the float32 rounding within which a
+# compiled path agrees with the general one. The general path keeps torch.special.ndtri.
+
+_ACKLAM_A = (-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02, 1.383577518672690e+02,
+             -3.066479806614716e+01, 2.506628277459239e+00)
+_ACKLAM_B = (-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02, 6.680131188771972e+01,
+             -1.328068155288572e+01, 1.0)
+_ACKLAM_C = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00, -2.549732539343734e+00,
+             4.374664141464968e+00, 2.938163982698783e+00)
+_ACKLAM_D = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00, 3.754408661907416e+00, 1.0)
+_ACKLAM_LOW = 0.02425
+
+
+def _polynomial(coefficients: tuple, x: torch.Tensor) -> torch.Tensor:
+    """Horner's rule, highest power first."""
+    out = coefficients[0] * x + coefficients[1]
+    for c in coefficients[2:]:
+        out = out * x + c
+    return out
+
+
+def fast_ndtri(p: torch.Tensor) -> torch.Tensor:
+    """The standard normal quantile of values in (0, 1], by Acklam's approximation (float64 in, out).
+
+    Relative error below 1.15e-9: after rounding to float32 it is ``torch.special.ndtri``'s
+    value or a neighbour (and infinite at 1, as ndtri is).
+    """
+    q = p - 0.5
+    r = q * q
+    central = q * _polynomial(_ACKLAM_A, r) / _polynomial(_ACKLAM_B, r)
+    s = torch.sqrt(-2.0 * torch.log(torch.minimum(p, 1 - p)))
+    # s is infinite at p = 1 (the streams' largest uniform, 1 - 2^-54, rounds to 1): ndtri's infinity there
+    tail = torch.where(s == torch.inf, -s, _polynomial(_ACKLAM_C, s) / _polynomial(_ACKLAM_D, s))  # lower tail
+    tails = (p < _ACKLAM_LOW) | (p > 1 - _ACKLAM_LOW)
+    return torch.where(tails, torch.where(q < 0, tail, -tail), central)
+
+
+def _vectorize_ndtri(graph: torch.fx.GraphModule) -> int:
+    """Replace the graph's float64 ndtri calls by :func:`fast_ndtri`; returns how many."""
+    replaced = 0
+    for node in list(graph.graph.nodes):
+        value = node.meta.get("val")
+        if node.op == "call_function" and node.target is torch.ops.aten.special_ndtri.default and \
+                isinstance(value, torch.Tensor) and value.dtype == torch.float64:
+            with graph.graph.inserting_before(node):
+                new = graph.graph.call_function(fast_ndtri, tuple(node.args))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.graph.erase_node(node)
+            replaced += 1
+    if replaced:
+        graph.recompile()
+    return replaced
+
+
 def _inductor(graph: torch.fx.GraphModule, args) -> Callable:
     """``graph`` compiled by Inductor (its backward through AOTAutograd), called with the same nested arguments.
 
@@ -343,8 +408,10 @@ def _inductor(graph: torch.fx.GraphModule, args) -> Callable:
     fake = FakeTensorMode(shape_env=ShapeEnv())
     example = [fake.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a
                for a in nested.process_inputs(*args)]
+    flat_module = torch.fx.GraphModule(graph, flat)
+    _vectorize_ndtri(flat_module)
     with tracing(TracingContext(fake)):
-        compiled = inductor_compile(torch.fx.GraphModule(graph, flat), example)
+        compiled = inductor_compile(flat_module, example)
     # the three lists flattened by hand, where that is what the pytree flattening gives (it skips the Nones)
     direct = [a for group in args for a in group if a is not None]
     if len(direct) == len(example) and all(a is b for a, b in zip(direct, nested.process_inputs(*args))):

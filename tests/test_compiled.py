@@ -661,3 +661,39 @@ def test_the_general_path_takes_steps_the_graph_would_not_give_as_the_optimizer_
     assert not trainer.in_graph.static.entries and trainer.in_graph.static.fallback is None
     assert len(trainer.loss_module.static.entries) == 1  # the loss alone, compiled; the optimizer steps as it is
     assert calls == ([1, 1, 1] if change == "hook" else [])
+
+
+# --------------------------------------------------------------------------- #
+# the streams' normals in a compiled graph
+# --------------------------------------------------------------------------- #
+
+
+def test_the_compiled_inverse_normal_cdf_is_ndtri_to_one_float32_unit():
+    """Acklam's approximation, as compiled graphs compute the streams' normals: within 1.15e-9 of ndtri in
+    float64 (his bound), so in float32 the same value or a neighbour, from the 53-bit grid's ends to its middle."""
+    from ppl_genmodels.compiled import fast_ndtri
+
+    bits = torch.randint(0, 2**53, (200_000,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    ends = torch.tensor([0, 1, 2, 2**20, 2**53 - 2**20, 2**53 - 2, 2**53 - 1], dtype=torch.int64)
+    p = (torch.cat([bits, ends]).double() + 0.5) * 2.0**-53  # the streams' uniforms
+    p = torch.cat([p, torch.tensor([0.02425, 0.02425 + 1e-12, 0.5, 1 - 0.02425])])
+    exact, fast = torch.special.ndtri(p), fast_ndtri(p)
+    top = p == 1  # the largest, (2^53 - 1/2) / 2^53, rounds to 1 in float64: infinite on both paths
+    assert top.sum() == 1 and fast[top].item() == exact[top].item() == float("inf")
+    fast, exact = fast[~top], exact[~top]
+    assert ((fast - exact).abs() <= 1.15e-9 * exact.abs() + 1e-15).all()
+    a, b = fast.float().view(torch.int32).long(), exact.float().view(torch.int32).long()
+    assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 0.02
+
+
+def test_a_graph_sent_to_inductor_draws_its_normals_with_the_vectorizable_quantile():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from ppl_genmodels.compiled import _vectorize_ndtri, fast_ndtri
+
+    u = torch.rand(100, dtype=torch.float64) * 0.98 + 0.01
+    graph = make_fx(lambda p: torch.special.ndtri(p).float() + torch.special.ndtri(p.float()))(u)
+    assert _vectorize_ndtri(graph) == 1  # the float64 call only: a float32 ndtri has no float64 grid to keep
+    assert not any(n.target is torch.ops.aten.special_ndtri.default and n.meta["val"].dtype == torch.float64
+                   for n in graph.graph.nodes)
+    assert torch.equal(graph(u), fast_ndtri(u).float() + torch.special.ndtri(u.float()))
