@@ -214,8 +214,9 @@ class _AdamInGraph:
         if names is None:
             return None
         objective = self.trainer.objective
-        return self.static(x, y, *slots[0], *slots[1], *slots[2], streams=streams, scale=scale, names=names,
-                           groups=tuple(groups), kl_weight=getattr(objective, "kl_weight", None))
+        loss, skipped, *_ = self.static(x, y, *slots[0], *slots[1], *slots[2], streams=streams, scale=scale,
+                                        names=names, groups=tuple(groups), kl_weight=getattr(objective, "kl_weight", None))
+        return loss, skipped
 
     def _parameter_names(self, params: list) -> tuple[str, ...] | None:
         """The program's names of the optimizer's parameters (None if one is not the program's)."""
@@ -228,7 +229,7 @@ class _AdamInGraph:
         return self._names[1]
 
     def _step(self, x, y, *slots, streams=None, scale: float, names: tuple, groups: tuple, **_):
-        """Loss, gradients and Adam's update of every parameter, written in place; returns ``(loss, skipped)``."""
+        """Loss, gradients and Adam's update of every parameter, written in place; returns ``(loss, skipped, ...)``."""
         n = len(names)
         steps, exp_avgs, exp_avg_sqs = slots[:n], slots[n:2 * n], slots[2 * n:]
         current = dict(self.trainer.model.named_parameters())  # inside a capture: the graph's inputs
@@ -239,6 +240,7 @@ class _AdamInGraph:
         value = loss.detach()
         bad = torch.isnan(value - value)  # an infinite or NaN loss: nothing moves
         hyper = [settings for size, *settings in groups for _ in range(size)]  # each parameter's group's
+        scalars = []
         with torch.no_grad():
             for p, g, step, m, v, (lr, beta1, beta2, eps, decay, maximize) in zip(
                     params, grads, steps, exp_avgs, exp_avg_sqs, hyper):
@@ -249,11 +251,17 @@ class _AdamInGraph:
                 t = step + 1
                 m_new = m + (g - m) * (1 - beta1)
                 v_new = v * beta2 + g * g * (1 - beta2)
-                bias1, bias2 = 1 - torch.pow(beta1, t), 1 - torch.pow(beta2, t)
-                p_new = p - (lr / bias1) * m_new / (v_new.sqrt() / bias2.sqrt() + eps)
+                step_size = lr / (1 - torch.pow(beta1, t))
+                bias2_sqrt = (1 - torch.pow(beta2, t)).sqrt()
+                scalars += [step_size, bias2_sqrt]
+                p_new = p - step_size * m_new / (v_new.sqrt() / bias2_sqrt + eps)
                 for old, new in ((p, p_new), (m, m_new), (v, v_new), (step, t)):
                     old.copy_(torch.where(bad, old, new))
-        return value, bad.float()
+        # The step sizes and bias corrections are returned, unused, so that Inductor computes each once into a
+        # buffer: otherwise it inlines them into every vector of the parameters' update kernels, where the two
+        # powers of a float32 step count cost more than the update (and more still once beta1^t underflows,
+        # after about 850 steps, into libm's slow path: 14% of a step around step 4,000).
+        return value, bad.float(), *scalars
 
 
 def _clear_gradients(optimizer) -> None:
