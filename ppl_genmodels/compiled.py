@@ -376,10 +376,7 @@ def _vectorize_ndtri(graph: torch.fx.GraphModule) -> int:
         if node.op == "call_function" and node.target is torch.ops.aten.special_ndtri.default and \
                 isinstance(value, torch.Tensor) and value.dtype == torch.float64:
             with graph.graph.inserting_before(node):
-                new = graph.graph.call_function(fast_ndtri, tuple(node.args))
-            new.meta = dict(node.meta)
-            node.replace_all_uses_with(new)
-            graph.graph.erase_node(node)
+                _swap(graph, node, graph.graph.call_function(fast_ndtri, tuple(node.args)))
             replaced += 1
     if replaced:
         graph.recompile()
@@ -537,13 +534,18 @@ def _use_onednn(graph: torch.fx.GraphModule) -> int:
                 new = graph.graph.call_function(ops.add.Tensor, (product, node.args[0]))
             else:
                 continue
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        graph.graph.erase_node(node)
+        _swap(graph, node, new)
         replaced += 1
     if replaced:
         graph.recompile()
     return replaced
+
+
+def _swap(graph: torch.fx.GraphModule, node: torch.fx.Node, new: torch.fx.Node) -> None:
+    """Put ``new`` in ``node``'s place (its metadata and its uses); ``node`` leaves the graph."""
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.graph.erase_node(node)
 
 
 def _contiguous(graph: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node:
