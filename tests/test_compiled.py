@@ -697,3 +697,25 @@ def test_a_graph_sent_to_inductor_draws_its_normals_with_the_vectorizable_quanti
     assert not any(n.target is torch.ops.aten.special_ndtri.default and n.meta["val"].dtype == torch.float64
                    for n in graph.graph.nodes)
     assert torch.equal(graph(u), fast_ndtri(u).float() + torch.special.ndtri(u.float()))
+
+
+def test_a_compiled_run_resumed_matches_the_straight_one_to_rounding(tmp_path, capsys):
+    """The Adam state the graph writes is the optimizer's own: a checkpoint taken after compiled steps resumes
+    (the first step of the new process on the general path, then the graph again) where the straight run went."""
+    from ppl_genmodels import fit
+    from ppl_genmodels.runs import load_checkpoint
+
+    options = dict(hidden=[32], z_dim=4, compile="on", eval_k=5, plots=False, evaluate=False,
+                   max_examples=640, batch_size=32)
+    straight = fit("vae", "digits", tmp_path / "straight", epochs=3, progress=True, **options)
+    fit("vae", "digits", tmp_path / "split", epochs=2, progress=False, **options)
+    resumed = fit(out=tmp_path / "split", resume=True, epochs=3, progress=True, plots=False, evaluate=False)
+    out = capsys.readouterr().out
+    assert out.count("compiled training step (with its Adam update): 1 graph(s)") == 2  # straight and resumed
+    a, b = straight.metrics["val_elbo"].to_numpy(), resumed.metrics["val_elbo"].to_numpy()
+    assert len(a) == len(b) == 3 and abs(a - b).max() < 1e-4 * abs(a).max()
+    last_a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    last_b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    for sa, sb in zip(last_a["optimizer"]["state"].values(), last_b["optimizer"]["state"].values()):
+        assert int(sa["step"]) == int(sb["step"]) == 60  # 3 epochs of 20 batches, every step counted once
+        _assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-3)
