@@ -370,8 +370,9 @@ def main(argv=None) -> int:
     try:
         status = _run_command(args, report=here.rank == 0)
         return status
-    finally:  # a gloo group left alive at exit can abort the interpreter; ranks that succeeded leave it together
-        distributed.teardown(synchronize=status == 0)
+    finally:  # ranks leave the group together (a gloo group torn down under a peer can abort it), after an
+        # error for at most ERROR_WAIT seconds
+        distributed.teardown(synchronize=status == 0, wait=None if status == 0 else distributed.ERROR_WAIT)
 
 
 class _Silent:

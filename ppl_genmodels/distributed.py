@@ -106,19 +106,36 @@ def setup(device: torch.device | str | None = None) -> World:
     return world()
 
 
-def teardown(synchronize: bool = False) -> None:
+#: seconds a rank that stopped on an error waits for its peers before it leaves the process group
+ERROR_WAIT = 30.0
+
+
+def teardown(synchronize: bool = False, *, wait: float | None = None) -> None:
     """Leave the process group (at the end of a command; also registered to run at exit).
 
-    ``synchronize``: first wait at a barrier until every rank is done with its collectives,
-    so that no rank destroys its ``gloo`` connections while a peer is still sending on them
-    (a peer's last broadcast, say); a rank that left early that way could abort at exit
-    (``terminate called without an active exception``). Only for a rank that finished
-    normally: after an error a peer may be dead, and the barrier would wait for it.
+    A rank that destroys its ``gloo`` connections while a peer is still sending on them
+    (a peer's last broadcast, say) can make one of them abort at exit (``terminate called
+    without an active exception``). So:
+
+    - ``synchronize``: first wait at a barrier until every rank is done with its
+      collectives; for ranks that finished normally.
+    - ``wait`` (seconds): after an error, meet the peers at a barrier that gives up after
+      ``wait`` seconds (gloo's ``monitored_barrier``), since a peer may be dead or busy
+      elsewhere. All ranks that stopped on the same error (a divergence, which every rank
+      sees at the same step) leave together; a missing peer costs at most ``wait``. On
+      nccl, which has no such barrier, an error leaves at once.
     """
-    if dist.is_available() and dist.is_initialized():
-        if synchronize and dist.get_world_size() > 1:
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() > 1:
+        if synchronize:
             dist.barrier()
-        dist.destroy_process_group()
+        elif wait is not None and dist.get_backend() == "gloo":
+            try:
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=wait), wait_all_ranks=True)
+            except RuntimeError:  # a peer that did not come: leave without it
+                pass
+    dist.destroy_process_group()
 
 
 def local_device(device: torch.device) -> torch.device:

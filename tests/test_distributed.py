@@ -91,9 +91,11 @@ def test_the_validation_elbo_does_not_depend_on_the_batch_a_datapoint_is_in(tmp_
     assert validation_elbo(run.program, run.data, batch_size=512, seed=4) != large
 
 
-@pytest.mark.parametrize("outcome, synchronized", [(0, True), (2, False), ("raise", False)])
-def test_a_command_leaves_the_group_together_only_when_it_succeeded(monkeypatch, outcome, synchronized):
-    """Ranks that finished meet at a barrier before leaving; after an error a peer may be dead: no barrier."""
+@pytest.mark.parametrize("outcome, synchronized", [(0, (True, None)), (2, (False, distributed.ERROR_WAIT)),
+                                                    ("raise", (False, distributed.ERROR_WAIT))])
+def test_a_command_leaves_the_group_together_and_after_an_error_waits_a_bounded_time(monkeypatch, outcome,
+                                                                                     synchronized):
+    """Ranks that finished meet at a barrier before leaving; after an error a peer may be dead: a bounded wait."""
     from ppl_genmodels import cli
 
     calls = []
@@ -104,7 +106,7 @@ def test_a_command_leaves_the_group_together_only_when_it_succeeded(monkeypatch,
         return outcome
 
     monkeypatch.setattr(cli, "_run_command", command)
-    monkeypatch.setattr(distributed, "teardown", lambda synchronize=False: calls.append(synchronize))
+    monkeypatch.setattr(distributed, "teardown", lambda synchronize=False, wait=None: calls.append((synchronize, wait)))
     if outcome == "raise":
         with pytest.raises(KeyError):
             cli.main(["models"])
@@ -140,6 +142,34 @@ def test_a_rank_that_finishes_first_waits_for_the_others_before_leaving(tmp_path
     left = {int(m[0]): float(m[1]) for m in re.findall(r"rank (\d) left at ([\d.]+) initialized False", done.stdout)}
     assert set(left) == {0, 1}, done.stdout
     assert left[1] >= left[0] - 0.5  # rank 1 waited at the barrier for rank 0's last 2 s
+
+
+@pytest.mark.parametrize("late", [2.0, 8.0])
+def test_after_an_error_a_rank_waits_for_a_late_peer_but_not_for_one_that_does_not_come(tmp_path, late):
+    """teardown(wait=4) under torchrun: rank 0 leaves with rank 1 when it comes 2 s later, without it at 8 s."""
+    script = tmp_path / "leave.py"
+    script.write_text(textwrap.dedent(f"""
+        import os
+        import time
+        from ppl_genmodels import distributed
+
+        here = distributed.setup()
+        if here.rank == 1:
+            time.sleep({late})
+        arrived = time.time()
+        distributed.teardown(wait=4.0)
+        os.write(1, f"rank {{here.rank}} arrived at {{arrived}} left at {{time.time()}}\\n".encode())
+    """))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], capture_output=True, text=True, timeout=WAIT, env=_env(), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    times = {int(m[0]): (float(m[1]), float(m[2]))
+             for m in re.findall(r"rank (\d) arrived at ([\d.]+) left at ([\d.]+)", done.stdout)}
+    assert set(times) == {0, 1}, done.stdout
+    if late < 4.0:  # rank 0 met rank 1
+        assert times[0][1] >= times[1][0] - 0.5
+    else:  # rank 0 gave up on rank 1 and left before it came
+        assert times[0][1] < times[1][0]
 
 
 # --------------------------------------------------------------------------- #
