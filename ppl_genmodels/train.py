@@ -323,7 +323,8 @@ class Trainer:
         """
         scale = 1.0 / x.shape[0] if scale is None else scale
         if self.in_graph is not None and not self.validate_next:
-            done = self.in_graph(x, y, streams, scale)
+            with pyro.validation_enabled(False):  # validated with the first step, as the general path is
+                done = self.in_graph(x, y, streams, scale)
             if done is not None:
                 value, self.skipped = done
                 return value
