@@ -719,3 +719,31 @@ def test_a_compiled_run_resumed_matches_the_straight_one_to_rounding(tmp_path, c
     for sa, sb in zip(last_a["optimizer"]["state"].values(), last_b["optimizer"]["state"].values()):
         assert int(sa["step"]) == int(sb["step"]) == 60  # 3 epochs of 20 batches, every step counted once
         _assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["tutorial_vae", "param_store_model"])
+def test_the_update_in_the_graph_reaches_pyro_param_parameters_of_a_tutorial_program(graph_only, name):
+    """``pyro.module`` networks and ``pyro.param`` values (a constrained one too) are updated in the graph as
+    torch.optim.Adam updates them."""
+    build, dim = {"tutorial_vae": (lambda m: m.VAE(z_dim=3, hidden_dim=16), 784),
+                  "param_store_model": (lambda m: m.LinearGaussian(5, 2), 5)}[name]
+    data = [_x(6, dim, seed=s) if dim == 784 else torch.randn(6, dim, generator=torch.Generator().manual_seed(s))
+            for s in range(4)]
+    out = {}
+    for in_graph in (True, False):
+        torch.manual_seed(0)
+        program = Program(build(_program_file(name))).accelerate(compile=True)
+        program.check(data[0])
+        trainer = Trainer(program, make_objective("trace"), torch.optim.Adam(program.parameters(), lr=1e-2))
+        if not in_graph:
+            trainer.in_graph = None
+        start = {k: v.detach().clone() for k, v in program.named_parameters()}
+        for i, x in enumerate(data):
+            trainer.step(x, streams=Streams(0, torch.arange(6), f"e{i}"))
+        out[in_graph] = dict(program.named_parameters()), trainer
+        assert all(not torch.equal(start[k], v) for k, v in program.named_parameters())  # every parameter moved
+    assert out[True][1].in_graph.static.entries and out[True][1].in_graph.static.fallback is None
+    assert out[True][0].keys() == out[False][0].keys()
+    assert (name == "param_store_model") == any(k.startswith("pyro_params") for k in out[True][0])
+    for key, value in out[False][0].items():
+        _assert_close(out[True][0][key].detach(), value.detach(), rtol=1e-5)
