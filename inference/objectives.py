@@ -164,9 +164,12 @@ class _LatentScale(Messenger):
             msg["scale"] = self.weight * msg["scale"]
 
 
-def _weighted(model, guide, weight: float):
-    """``model`` and ``guide`` with their latent sites scaled by ``weight`` (unchanged for weight 1)."""
-    if weight == 1.0:
+def _weighted(model, guide, weight):
+    """``model`` and ``guide`` with their latent sites scaled by ``weight`` (unchanged for weight 1).
+
+    ``weight``: a number, or a 0-dim tensor (a compiled training step's input: always applied).
+    """
+    if not isinstance(weight, torch.Tensor) and weight == 1.0:
         return model, guide
     return _LatentScale(weight)(model), _LatentScale(weight)(guide)
 

@@ -133,15 +133,49 @@ class _Loss(nn.Module):
         # the whole loss as one compiled graph (ppl_genmodels.compiled), for a program marked for it
         compiled = isinstance(program, Program) and program.acceleration["compile"]
         self.static = Static(self._loss, program, label="the training step") if compiled else None
+        self._weight: tuple[float, torch.Tensor] | None = None  # the last KL weight and its tensor (kl_input)
 
     def forward(self, x, y=None, streams: Streams | None = None):
         if self.static is None:
             return self._loss(x, y, streams=streams)
-        return self.static(x, y, streams=streams, kl_weight=getattr(self.objective, "kl_weight", None))
+        option, weight = self.kl_input()
+        return self.static(x, y, weight, streams=streams, kl_weight=option)
 
-    def _loss(self, x, y, *, streams=None, **_):
-        with streams.draws() if streams is not None else contextlib.nullcontext():
+    def kl_input(self) -> tuple[object, torch.Tensor | None]:
+        """The objective's KL weight as a compiled step takes it: ``(option, tensor input or None)``.
+
+        A weight of 1 (or an objective without one) is a Python option: the unweighted
+        program has no scaling at all. Any other weight is a 0-dim tensor input (in the
+        parameters' dtype, which is how a Python number enters their arithmetic), so a
+        KL warm-up, whose weight changes every epoch, runs one graph throughout.
+        """
+        weight = getattr(self.objective, "kl_weight", None)
+        if weight is None or isinstance(weight, torch.Tensor) or weight == 1.0:
+            return weight, None
+        if self._weight is None or self._weight[0] != weight:
+            parameter = next(self.program.parameters(), None)
+            dtype = parameter.dtype if parameter is not None else torch.get_default_dtype()
+            device = parameter.device if parameter is not None else None
+            self._weight = weight, torch.tensor(weight, dtype=dtype, device=device)
+        return "input", self._weight[1]
+
+    def _loss(self, x, y, weight=None, *, streams=None, **_):
+        with streams.draws() if streams is not None else contextlib.nullcontext(), _kl_weight(self.objective, weight):
             return self.objective.loss(self.program.model, self.program.guide, x, y)
+
+
+@contextlib.contextmanager
+def _kl_weight(objective, weight):
+    """A block in which ``objective.kl_weight`` is ``weight`` (a compiled step's input), unless it is None."""
+    if weight is None:
+        yield
+        return
+    saved = objective.kl_weight
+    objective.kl_weight = weight
+    try:
+        yield
+    finally:
+        objective.kl_weight = saved
 
 
 def _has_unused(module: nn.Module, x, y) -> bool:
@@ -213,9 +247,9 @@ class _AdamInGraph:
         names = self._parameter_names(params)
         if names is None:
             return None
-        objective = self.trainer.objective
-        loss, skipped, *_ = self.static(x, y, *slots[0], *slots[1], *slots[2], streams=streams, scale=scale,
-                                        names=names, groups=tuple(groups), kl_weight=getattr(objective, "kl_weight", None))
+        option, weight = self.trainer.loss_module.kl_input()
+        loss, skipped, *_ = self.static(x, y, weight, *slots[0], *slots[1], *slots[2], streams=streams, scale=scale,
+                                        names=names, groups=tuple(groups), kl_weight=option)
         return loss, skipped
 
     def _parameter_names(self, params: list) -> tuple[str, ...] | None:
@@ -228,14 +262,14 @@ class _AdamInGraph:
             self._names = ids, tuple(names[i] for i in ids)
         return self._names[1]
 
-    def _step(self, x, y, *slots, streams=None, scale: float, names: tuple, groups: tuple, **_):
+    def _step(self, x, y, weight, *slots, streams=None, scale: float, names: tuple, groups: tuple, **_):
         """Loss, gradients and Adam's update of every parameter, written in place; returns ``(loss, skipped, ...)``."""
         n = len(names)
         steps, exp_avgs, exp_avg_sqs = slots[:n], slots[n:2 * n], slots[2 * n:]
         current = dict(self.trainer.model.named_parameters())  # inside a capture: the graph's inputs
         params = [current[name] for name in names]
         with torch.enable_grad():
-            loss = self.trainer.loss_module._loss(x, y, streams=streams)
+            loss = self.trainer.loss_module._loss(x, y, weight, streams=streams)
             grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
         value = loss.detach()
         bad = torch.isnan(value - value)  # an infinite or NaN loss: nothing moves

@@ -747,3 +747,27 @@ def test_the_update_in_the_graph_reaches_pyro_param_parameters_of_a_tutorial_pro
     assert (name == "param_store_model") == any(k.startswith("pyro_params") for k in out[True][0])
     for key, value in out[False][0].items():
         _assert_close(out[True][0][key].detach(), value.detach(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_kl_warm_up_runs_one_compiled_graph_with_the_weight_as_an_input(graph_only, optimizer):
+    """Each epoch of a warm-up has its own KL weight: an input of the graph, not a new signature, so one graph
+    serves every weight below 1 (and one more the weight 1), with the general path's numbers."""
+    weights = [0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0, 1.0]
+    runs = {}
+    for compiled in (True, False):
+        program = _vae().accelerate(compile=compiled)
+        make = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+        objective = make_objective("trace")
+        trainer = Trainer(program, objective, make(program.parameters(), lr=1e-2))
+        losses = []
+        for i, weight in enumerate(weights):
+            objective.kl_weight = weight
+            losses.append(float(trainer.step(_x(16, seed=i), streams=Streams(0, torch.arange(16), f"e{i}"))))
+            assert objective.kl_weight == weight  # the graph's input was swapped in only during the call
+        runs[compiled] = losses, [p.detach().clone() for p in program.parameters()], trainer
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        _assert_close(a, b, rtol=1e-5)
+    static = runs[True][2].statics[1 if optimizer == "adam" else 0]
+    assert static.fallback is None and len(static.entries) == 2  # weighted (any weight) and unweighted
