@@ -402,16 +402,16 @@ def _inductor(graph: torch.fx.GraphModule, args) -> Callable:
     flat.output(flat.graph_copy(graph.graph, {}))
     # example inputs as fake tensors of a mode with a shape environment, as TorchDynamo hands them over: the
     # key of Inductor's on-disk caches is made from them (without one it compiles afresh in every process)
+    inputs = list(nested.process_inputs(*args))
     fake = FakeTensorMode(shape_env=ShapeEnv())
-    example = [fake.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a
-               for a in nested.process_inputs(*args)]
+    example = [fake.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in inputs]
     flat_module = torch.fx.GraphModule(graph, flat)
     _vectorize_ndtri(flat_module)
     with tracing(TracingContext(fake)):
         compiled = inductor_compile(flat_module, example)
     # the three lists flattened by hand, where that is what the pytree flattening gives (it skips the Nones)
     direct = [a for group in args for a in group if a is not None]
-    if len(direct) == len(example) and all(a is b for a, b in zip(direct, nested.process_inputs(*args))):
+    if len(direct) == len(inputs) and all(a is b for a, b in zip(direct, inputs)):
         def run(*call_args):
             return nested.process_outputs(compiled(*[a for group in call_args for a in group if a is not None]))
     else:

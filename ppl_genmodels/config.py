@@ -201,9 +201,10 @@ class RunConfig:
                                     "log-densities, log-sum-exp and accumulators kept in float32",
                             choices=PRECISIONS, resumable=True)
     compile: str = option("auto", "run the hot paths (the training step, IWAE's particle chunks, the HMC/AIS "
-                                  "log-joint) as one captured graph each, compiled by Inductor (torch.compile's compiler); a program "
-                                  "that is not static runs as written, with a warning: on, off, or auto, where it "
-                                  "pays (training runs of at least 5,000 optimizer steps; long evaluations)",
+                                  "log-joint) as one captured graph each, compiled by Inductor (torch.compile's "
+                                  "compiler); a program that is not static runs as written, with a warning: on, "
+                                  "off, or auto, where it pays (training runs of at least 5,000 optimizer steps; "
+                                  "long evaluations)",
                           choices=COMPILE_CHOICES, resumable=True)
     processes: int = option(1, "processes that trained the run (the latest start or resume): under torchrun, "
                                "each took batch_size datapoints of every global batch", cli=False, resumable=True)

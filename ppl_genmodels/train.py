@@ -329,14 +329,13 @@ class Trainer:
         self.skipped = None  # after a step: 1 (a device tensor) when its update was skipped on every rank, else 0
         self.loss_module = _Loss(model, objective)
         self.ddp = None
-        # a compiled program in one process: the step and its Adam update as one graph, where it applies
-        self.in_graph = _AdamInGraph(self) if self.loss_module.static is not None else None
         if distributed.world().distributed:
             device = next(model.parameters()).device
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.loss_module, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=probe is None or _has_unused(self.loss_module, *probe))
-            self.in_graph = None
+        # a compiled program in one process: the step and its Adam update as one graph, where it applies
+        self.in_graph = _AdamInGraph(self) if self.loss_module.static is not None and self.ddp is None else None
 
     @property
     def compile_seconds(self) -> float:
