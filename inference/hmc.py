@@ -26,6 +26,14 @@ datapoints) the momentum of chain c of datapoint b and its acceptance uniform co
 from b's own stream, the t-th transition's draws being the t-th draws of the
 streams: a datapoint's chain does not depend on the other datapoints of the batch.
 
+``transition`` is its two halves: ``draws`` (the momentum noise and the acceptance
+uniform, before the trajectory, in the order the transition uses them) and
+``metropolis`` (trajectory and correction, given those draws), so that a compiled
+caller can draw eagerly and run the rest as one graph. The trajectory is an
+``integrate`` function: ``leapfrog`` (a Python loop over a given number of steps)
+by default, or ``leapfrog_loop``, the same arithmetic as one loop whose number of
+steps is a tensor (the form a traced graph holds as torch's ``while_loop``).
+
 ``step`` differentiates a plain log density. ``transition`` is the same
 transition for a state that carries more than the log density at its position
 (AIS keeps both ends of its annealing path there): any ``NamedTuple`` with the
@@ -41,7 +49,7 @@ import torch
 
 from ppl_genmodels.traces import is_streams
 
-__all__ = ["HMCState", "HMCInfo", "init", "step", "transition"]
+__all__ = ["HMCState", "HMCInfo", "init", "step", "transition", "draws", "metropolis", "leapfrog", "leapfrog_loop"]
 
 
 class HMCState(NamedTuple):
@@ -73,8 +81,8 @@ def _select(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.T
     return torch.where(mask.reshape(mask.shape + (1,) * (new.dim() - mask.dim())), new, old)
 
 
-def _leapfrog(state: State, momentum: torch.Tensor, evaluate: Callable[[torch.Tensor], State], step_size,
-              inverse_mass: torch.Tensor, num_leapfrog: int) -> tuple[State, torch.Tensor]:
+def leapfrog(state: State, momentum: torch.Tensor, evaluate: Callable[[torch.Tensor], State], step_size,
+             inverse_mass: torch.Tensor, num_leapfrog: int) -> tuple[State, torch.Tensor]:
     """``num_leapfrog`` leapfrog steps from ``state``: (the state at the end, the final momentum)."""
     point, z = state, state.position
     p = momentum + 0.5 * step_size * state.grad  # half step in momentum
@@ -83,6 +91,36 @@ def _leapfrog(state: State, momentum: torch.Tensor, evaluate: Callable[[torch.Te
         point = evaluate(z)
         if i < num_leapfrog - 1:
             p = p + step_size * point.grad
+    return point, p + 0.5 * step_size * point.grad
+
+
+def leapfrog_loop(state: State, momentum: torch.Tensor, evaluate: Callable[..., State], step_size: torch.Tensor,
+                  inverse_mass: torch.Tensor, num_leapfrog: torch.Tensor, *, while_loop: Callable,
+                  constants: tuple = ()) -> tuple[State, torch.Tensor]:
+    """:func:`leapfrog` with the number of steps a 0-dim integer tensor (at least 1), as one loop.
+
+    ``while_loop(cond, body, carried, constants)`` runs ``carried = body(*carried, *constants)``
+    while ``cond(*carried, *constants)`` (torch's ``while_loop`` operator in a traced graph).
+    Its body reads tensors only through its arguments, so ``evaluate(position, *constants)``
+    gets every other tensor it needs (parameters, data) from ``constants``. Every step
+    computes what :func:`leapfrog`'s does, in the same order: the momentum's full step
+    before each position step but the first, so the two give the same numbers.
+    """
+    fields = len(state)
+    kind = type(state)
+
+    def cond(i, p, *rest):
+        return i < rest[fields]
+
+    def body(i, p, *rest):
+        point, (_, eps, inv, *more) = kind(*rest[:fields]), rest[fields:]
+        p = torch.where(i > 0, p + eps * point.grad, p)
+        return (i + 1, p, *evaluate(point.position + eps * inv * p, *more))
+
+    p = momentum + 0.5 * step_size * state.grad  # half step in momentum
+    start = torch.zeros((), dtype=torch.int64, device=num_leapfrog.device)
+    _, p, *point = while_loop(cond, body, (start, p, *state), (num_leapfrog, step_size, inverse_mass, *constants))
+    point = kind(*point)
     return point, p + 0.5 * step_size * point.grad
 
 
@@ -100,6 +138,38 @@ def _uniform(like: torch.Tensor, generator) -> torch.Tensor:
     return torch.rand(like.shape, dtype=like.dtype, device=like.device, generator=generator)
 
 
+def draws(state: State, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A transition's random draws: standard normal momentum noise ``[chains, batch, dim]`` and the
+    acceptance uniforms ``[chains, batch]``, in that order (the trajectory itself draws nothing)."""
+    return _normal(state.position, generator), _uniform(state.log_density, generator)
+
+
+def metropolis(
+    state: State,
+    noise: torch.Tensor,
+    uniform: torch.Tensor,
+    integrate: Callable,
+    step_size: torch.Tensor | float,
+    inverse_mass: torch.Tensor | float,
+    num_leapfrog,
+    divergence_threshold: float = 1000.0,
+) -> tuple[State, HMCInfo]:
+    """The transition given its draws (:func:`draws`): a trajectory by ``integrate(state, momentum, step_size,
+    inverse_mass, num_leapfrog)`` (:func:`leapfrog` or :func:`leapfrog_loop`), then the Metropolis correction."""
+    z0 = state.position
+    inverse_mass = torch.as_tensor(inverse_mass, dtype=z0.dtype, device=z0.device)
+    momentum = noise * inverse_mass.rsqrt()  # p ~ N(0, M)
+    energy0 = -state.log_density + 0.5 * (inverse_mass * momentum**2).sum(-1)
+    proposal, p = integrate(state, momentum, step_size, inverse_mass, num_leapfrog)
+    energy = -proposal.log_density + 0.5 * (inverse_mass * p**2).sum(-1)
+    delta = energy0 - energy  # log of the Metropolis ratio
+    divergent = ~torch.isfinite(delta) | (-delta > divergence_threshold)
+    accept_rate = torch.where(divergent, torch.zeros_like(delta), delta.clamp(max=0.0).exp())
+    accepted = uniform < accept_rate
+    new = type(state)(*(_select(accepted, a, b) for a, b in zip(proposal, state)))
+    return new, HMCInfo(accept_rate, accepted, divergent, energy)
+
+
 def transition(
     state: State,
     evaluate: Callable[[torch.Tensor], State],
@@ -114,20 +184,12 @@ def transition(
 
     ``generator``: None (torch's global generator), a ``torch.Generator``, or per-datapoint streams.
     """
-    z0 = state.position
-    inverse_mass = torch.as_tensor(inverse_mass, dtype=z0.dtype, device=z0.device)
-    noise = _normal(z0, generator)
-    momentum = noise * inverse_mass.rsqrt()  # p ~ N(0, M)
-    energy0 = -state.log_density + 0.5 * (inverse_mass * momentum**2).sum(-1)
-    proposal, p = _leapfrog(state, momentum, evaluate, step_size, inverse_mass, num_leapfrog)
-    energy = -proposal.log_density + 0.5 * (inverse_mass * p**2).sum(-1)
-    delta = energy0 - energy  # log of the Metropolis ratio
-    divergent = ~torch.isfinite(delta) | (-delta > divergence_threshold)
-    accept_rate = torch.where(divergent, torch.zeros_like(delta), delta.clamp(max=0.0).exp())
-    uniform = _uniform(accept_rate, generator)
-    accepted = uniform < accept_rate
-    new = type(state)(*(_select(accepted, a, b) for a, b in zip(proposal, state)))
-    return new, HMCInfo(accept_rate, accepted, divergent, energy)
+    noise, uniform = draws(state, generator)
+
+    def integrate(start, momentum, eps, inverse_mass, steps):
+        return leapfrog(start, momentum, evaluate, eps, inverse_mass, steps)
+
+    return metropolis(state, noise, uniform, integrate, step_size, inverse_mass, num_leapfrog, divergence_threshold)
 
 
 def step(

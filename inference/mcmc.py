@@ -46,7 +46,7 @@ import torch
 from pyro.infer import MCMC, NUTS
 from tqdm.auto import tqdm
 
-from ppl_genmodels.compiled import static_path
+from ppl_genmodels.compiled import Captured, static_path, traced_path, while_loop
 from ppl_genmodels.inference import hmc
 from ppl_genmodels.inference.diagnostics import ess_bulk, ess_tail, split_rhat
 from ppl_genmodels.inference.adaptation import (
@@ -63,6 +63,8 @@ __all__ = ["MCMCResult", "MCMC_METHODS", "RHAT_THRESHOLD", "hmc_posterior", "nut
 #: the samplers of the latent posterior: batched HMC (:func:`hmc_posterior`) and Pyro's NUTS (:func:`nuts_posterior`)
 MCMC_METHODS = ("hmc", "nuts")
 RHAT_THRESHOLD = 1.01
+#: an energy error above this (in nats) is a divergent transition, rejected (as Stan's and BlackJAX's default)
+DIVERGENCE = 1000.0
 
 
 @dataclass
@@ -160,6 +162,58 @@ def _evaluator(joint: LogJoint) -> Callable[[torch.Tensor], hmc.HMCState]:
     return evaluate
 
 
+def _traced_transition(params: list, position, log_density, grad, noise, uniform, step_size, inverse_mass,
+                       num_leapfrog, x, y=None, *, target: Captured, threshold: float):
+    """One HMC transition given its draws, as tensor operations around ``target`` (the captured log-joint and
+    gradient; ``params`` are the program's parameters, then the graph's constants): the whole trajectory is one
+    loop of the traced graph."""
+    count = len(target.parameters)
+
+    def evaluate(u, *constants):
+        value, gradient = target(constants[:count], constants[count:len(params)], u, *constants[len(params):],
+                                 *([None] if y is None else []))
+        return hmc.HMCState(u, value, gradient)
+
+    def integrate(state, momentum, eps, inv, steps):
+        return hmc.leapfrog_loop(state, momentum, evaluate, eps, inv, steps, while_loop=while_loop,
+                                 constants=(*params, x, *(() if y is None else (y,))))
+
+    state = hmc.HMCState(position, log_density, grad)
+    new, info = hmc.metropolis(state, noise, uniform, integrate, step_size, inverse_mass, num_leapfrog, threshold)
+    return (*new, *info)
+
+
+def _kernel(joint: LogJoint, evaluate: Callable[[torch.Tensor], hmc.HMCState]) -> Callable:
+    """``(state, step_size, inverse_mass, num_leapfrog, generator) -> (state, info)``: one HMC transition.
+
+    Where the program is compiled, everything but the random draws is one compiled call: the
+    log-joint's captured graph inside a loop over the leapfrog steps, whose number is an input
+    (so every jittered length runs the same graph), and the Metropolis correction. Otherwise,
+    or where that graph cannot be made, :func:`hmc.transition` with ``evaluate``.
+    """
+    static = static_path(_target_and_grad, joint.model, "HMC log-joint and gradient", inner_grad=True)
+    traced = traced_path(_traced_transition, joint.model, "HMC transition")
+
+    def kernel(state: hmc.HMCState, step_size, inverse_mass, num_leapfrog: int, generator):
+        noise, uniform = hmc.draws(state, generator)
+        if traced is not None and traced.fallback is None:
+            captured = static.captured(state.position, joint.x, joint.y, joint=joint)
+            if captured is not None:
+                steps = torch.tensor(num_leapfrog, device=state.position.device)
+                out = traced([*captured.parameters, *captured.constants], *state, noise, uniform, step_size,
+                             inverse_mass, steps, joint.x, *(() if joint.y is None else (joint.y,)),
+                             target=captured, threshold=DIVERGENCE)
+                if out is not None:
+                    return hmc.HMCState(*out[:3]), hmc.HMCInfo(*out[3:])
+
+        def integrate(start, momentum, eps, inv, steps):
+            return hmc.leapfrog(start, momentum, evaluate, eps, inv, steps)
+
+        return hmc.metropolis(state, noise, uniform, integrate, step_size, inverse_mass, num_leapfrog, DIVERGENCE)
+
+    return kernel
+
+
 def _jittered(num_leapfrog: int, generator: torch.Generator | None) -> int:
     """A number of leapfrog steps drawn uniformly from 1 .. 2L - 1 (mean L).
 
@@ -221,16 +275,16 @@ def hmc_posterior(
     with pyro.validation_enabled(False), tqdm(total=warmup + num_samples, desc="HMC", unit="it",
                                               disable=not progress, leave=False) as bar:
         evaluate = _evaluator(joint)
+        transition = _kernel(joint, evaluate)
         state, adapt = evaluate(u), window_adaptation_init(u, step_size)
         for stage in warmup_schedule(warmup):
-            state, info = hmc.transition(state, evaluate, adapt.step_size, adapt.inverse_mass,
-                                         _jittered(num_leapfrog, counts), generator=kernel)
+            state, info = transition(state, adapt.step_size, adapt.inverse_mass, _jittered(num_leapfrog, counts),
+                                     kernel)
             adapt = window_adaptation_update(adapt, stage, state.position, info.accept_rate, target_accept)
             bar.update(1)
         eps, inverse_mass = window_adaptation_final(adapt)
         for _ in range(num_samples):
-            state, info = hmc.transition(state, evaluate, eps, inverse_mass, _jittered(num_leapfrog, counts),
-                                         generator=kernel)
+            state, info = transition(state, eps, inverse_mass, _jittered(num_leapfrog, counts), kernel)
             draws.append(state.position)
             accept = accept + info.accept_rate
             divergent = divergent + info.divergent.long().cpu()

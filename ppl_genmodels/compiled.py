@@ -51,7 +51,7 @@ import inspect
 import time
 import warnings
 import weakref
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import pyro
 from pyro.infer.util import is_validation_enabled
@@ -61,7 +61,7 @@ from torch import nn
 from ppl_genmodels.programs import Program
 from ppl_genmodels.traces import first_line
 
-__all__ = ["Static", "StaticError", "owner", "static_path", "RARE"]
+__all__ = ["Captured", "Static", "StaticError", "Traced", "owner", "static_path", "traced_path", "while_loop", "RARE"]
 
 #: a signature called fewer than 1/RARE times as often as the most frequent one runs as written, uncompiled
 RARE = 8
@@ -77,7 +77,7 @@ def owner(fn: Callable) -> Program | None:
     return program if isinstance(program, Program) else None
 
 
-_SHARED: "weakref.WeakKeyDictionary[Program, dict[str, Static]]" = weakref.WeakKeyDictionary()
+_SHARED: "weakref.WeakKeyDictionary[Program, dict[str, Static | Traced]]" = weakref.WeakKeyDictionary()
 
 
 def static_path(fn: Callable, model: Callable, label: str, *, inner_grad: bool = False) -> "Static | None":
@@ -130,6 +130,42 @@ class _Entry:
         self.graph = graph
         self.exact, self.draws = exact, draws  # what the streams' Python counters did during the capture
         self.run: Callable | None = None
+
+
+class _Lifted(torch.fx.Interpreter):
+    """Runs a graph with its constant tensors read from a table instead of from the graph module."""
+
+    def __init__(self, graph: torch.fx.GraphModule, constants: dict):
+        super().__init__(graph)
+        self.constants = constants
+
+    def get_attr(self, target, args, kwargs):
+        return self.constants[target] if target in self.constants else super().get_attr(target, args, kwargs)
+
+
+class Captured(NamedTuple):
+    """A :class:`Static`'s graph of one signature, as a function of tensors to trace inside another function.
+
+    ``captured(parameters, constants, *tensors)`` computes the captured ``fn(*tensors)`` from
+    the program's ``parameters`` (its parameters and buffers, in the graph's order, as
+    ``parameters`` holds them) and the graph's own constant tensors (``constants``, as
+    ``constants`` holds them) as plain tensor operations, so that a graph traced around
+    it has no constants of its own: a loop's body reads every tensor as an argument.
+    """
+
+    graph: torch.fx.GraphModule
+    parameters: list
+    constants: list
+
+    def static_key(self):
+        """A signature's key: the graph itself (by identity)."""
+        return self.graph
+
+    def __call__(self, parameters, constants, *tensors):
+        names = [n.target for n in self.graph.graph.nodes if n.op == "get_attr" and
+                 isinstance(getattr(self.graph, n.target, None), torch.Tensor)]
+        table = dict(zip(dict.fromkeys(names), constants))
+        return _Lifted(self.graph, table).run(list(parameters), list(tensors), [])
 
 
 class Static:
@@ -188,20 +224,44 @@ class Static:
         if entry is None:
             if not self._worth_capturing(signature):
                 return self.fn(*tensors, streams=streams, **options)
-            if len(self.entries) >= self.max_signatures:
-                self._give_up(f"more than {self.max_signatures} different signatures (shapes or settings)")
+            entry = self._new_entry(signature, named, tensors, streams, options)
+            if entry is None:
                 return self.fn(*tensors, streams=streams, **options)
-            began = time.perf_counter()
-            try:
-                with pyro.validation_enabled(False):  # the checks look at values, which a capture does not have
-                    entry = self._capture(named, tensors, streams, options)
-            except Exception as err:  # anything the capture cannot take: the general path, for good
-                self._give_up(_reason(err))
-                return self.fn(*tensors, streams=streams, **options)
-            finally:
-                self.seconds += time.perf_counter() - began
-            self.entries[signature] = entry
         return self._run(entry, named, tensors, streams)
+
+    def captured(self, *tensors, **options) -> "Captured | None":
+        """The graph of this call's signature (no streams), for a larger graph built around it.
+
+        The signature is captured now if need be, whatever its count of calls. None once
+        the general path has taken over.
+        """
+        if self.fallback is not None:
+            return None
+        named = self._tensors()
+        signature = self._signature(named, tensors, None, options)
+        entry = self.entries.get(signature) or self._new_entry(signature, named, tensors, None, options)
+        if entry is None:
+            return None
+        names = [n.target for n in entry.graph.graph.nodes
+                 if n.op == "get_attr" and isinstance(getattr(entry.graph, n.target, None), torch.Tensor)]
+        return Captured(entry.graph, [p for _, p in named], [getattr(entry.graph, n) for n in dict.fromkeys(names)])
+
+    def _new_entry(self, signature, named, tensors, streams, options) -> "_Entry | None":
+        """Capture a new signature; None (and the general path from now on) when that cannot be done."""
+        if len(self.entries) >= self.max_signatures:
+            self._give_up(f"more than {self.max_signatures} different signatures (shapes or settings)")
+            return None
+        began = time.perf_counter()
+        try:
+            with pyro.validation_enabled(False):  # the checks look at values, which a capture does not have
+                entry = self._capture(named, tensors, streams, options)
+        except Exception as err:  # anything the capture cannot take: the general path, for good
+            self._give_up(_reason(err))
+            return None
+        finally:
+            self.seconds += time.perf_counter() - began
+        self.entries[signature] = entry
+        return entry
 
     def _worth_capturing(self, signature) -> bool:
         """Capture a signature once it has come ``min_calls`` times, unless it is rare.
@@ -296,21 +356,9 @@ class Static:
 
     def _call(self, entry: _Entry, args, streams):
         if entry.run is None:
-            entry.run = entry.graph
-            if self.compile:
-                began = time.perf_counter()
-                try:
-                    with warnings.catch_warnings():  # deprecations inside Inductor's own lowerings are not the user's
-                        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
-                        compiled = _inductor(entry.graph, args)
-                        out = compiled(*args)
-                    entry.run = compiled
-                    return self._after(entry, streams, out)
-                except Exception as err:
-                    warnings.warn(f"{self.label}: compiling failed ({type(err).__name__}: "
-                                  f"{first_line(err, '')}); the captured graph runs eagerly", stacklevel=3)
-                finally:
-                    self.seconds += time.perf_counter() - began
+            out, seconds = _first_call(entry, args, self.compile, self.label)
+            self.seconds += seconds
+            return self._after(entry, streams, out)
         return self._after(entry, streams, entry.run(*args))
 
     @staticmethod
@@ -319,6 +367,124 @@ class Static:
             streams.exact = streams.exact and entry.exact
             streams._draws += entry.draws
         return out
+
+
+def _first_call(entry: _Entry, args, compile: bool, label: str) -> tuple:
+    """Run ``entry`` for the first time, compiled by Inductor when ``compile`` (eagerly, with a warning, where
+    that fails); its ``run`` is set for the later calls. Returns (outputs, seconds spent compiling)."""
+    entry.run = entry.graph
+    if not compile:
+        return entry.run(*args), 0.0
+    began = time.perf_counter()
+    try:
+        with warnings.catch_warnings():  # deprecations inside Inductor's own lowerings are not the user's
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
+            compiled = _inductor(entry.graph, args)
+            out = compiled(*args)
+        entry.run = compiled
+        return out, time.perf_counter() - began
+    except Exception as err:
+        warnings.warn(f"{label}: compiling failed ({type(err).__name__}: {first_line(err, '')}); the captured "
+                      "graph runs eagerly", stacklevel=4)
+    seconds = time.perf_counter() - began
+    return entry.run(*args), seconds
+
+
+# --- functions built around captured graphs ---------------------------------------------------------------------
+
+
+def while_loop(cond: Callable, body: Callable, carried: tuple, constants: tuple = ()) -> tuple:
+    """``carried = body(*carried, *constants)`` while ``cond(*carried, *constants)``, as one loop of a graph.
+
+    torch's ``while_loop`` operator: traced by :class:`Traced`, the whole loop is one node
+    of the graph, its condition and body subgraphs, whatever the number of iterations
+    (a tensor among ``carried`` or ``constants``). ``cond`` returns a 0-dim bool tensor;
+    ``body`` returns tensors of the shapes and dtypes of ``carried``. Both read tensors
+    only through their arguments: a tensor they reach otherwise would be traced as a
+    constant of the graph (which :class:`Traced` refuses).
+    """
+    from torch._higher_order_ops.while_loop import while_loop_op
+
+    return tuple(while_loop_op(cond, body, tuple(carried), tuple(constants)))
+
+
+class Traced:
+    """``fn(parameters, *tensors, **options)`` traced once per signature into one graph, compiled by Inductor.
+
+    For functions of tensors built around captured graphs (``Static.captured``) and plain
+    tensor operations, with loops as :func:`while_loop`: no Pyro runs inside (its code,
+    whose gradients a graph of plain operations cannot take, is in the captured graphs).
+    The graph runs without autograd. The signature is the inputs' shapes, dtypes and
+    devices and ``options`` (a captured graph among them, by identity); at most
+    ``max_signatures`` of them. A call returns None where the function cannot be traced
+    (the reason in one warning, and None from then on): the caller runs its general path.
+    """
+
+    def __init__(self, fn: Callable, *, label: str, compile: bool = True, max_signatures: int = 8):
+        self.fn, self.label, self.compile, self.max_signatures = fn, label, bool(compile), int(max_signatures)
+        self.entries: dict[tuple, _Entry] = {}
+        self.fallback: str | None = None
+        self.seconds = 0.0
+
+    def __call__(self, parameters: list[torch.Tensor], *tensors, **options):
+        if self.fallback is not None:
+            return None
+        signature = (tuple(_describe(p) for p in parameters), tuple(_describe(t) for t in tensors),
+                     tuple(sorted((name, _static_key(value)) for name, value in options.items())))
+        args = (list(parameters), list(tensors), [])
+        entry = self.entries.get(signature)
+        if entry is None:
+            if len(self.entries) >= self.max_signatures:
+                return self._give_up(f"more than {self.max_signatures} different signatures (shapes or settings)")
+            began = time.perf_counter()
+            try:
+                entry = self.entries[signature] = self._trace(args, options)
+            except Exception as err:
+                return self._give_up(_reason(err))
+            finally:
+                self.seconds += time.perf_counter() - began
+        with torch.no_grad():
+            if entry.run is None:
+                out, seconds = _first_call(entry, args, self.compile, self.label)
+                self.seconds += seconds
+                return out
+            return entry.run(*args)
+
+    def _trace(self, args, options) -> _Entry:
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        def flat(params, inputs, state):
+            return self.fn(params, *inputs, **options)
+
+        with torch.no_grad():
+            graph = make_fx(flat, tracing_mode="fake")(*args)
+        # a tensor of the trace (a fake tensor) held as a constant: a loop body reached an input not through its
+        # arguments, and the graph would keep the value it had while tracing. The program's own constants are real.
+        for module in graph.modules():  # the loops' subgraphs too
+            if isinstance(module, torch.fx.GraphModule):
+                for node in module.graph.nodes:
+                    if node.op == "get_attr" and isinstance(getattr(module, node.target, None), FakeTensor):
+                        raise StaticError(f"it reads a tensor it was not given ({node.target}): a loop body reads "
+                                          "tensors only through its arguments")
+        return _Entry(graph, True, 0)
+
+    def _give_up(self, reason: str) -> None:
+        self.fallback = reason
+        self.entries.clear()
+        warnings.warn(f"{self.label}: the compiled path is off for this program ({reason}); it runs as written",
+                      stacklevel=3)
+
+
+def traced_path(fn: Callable, model: Callable, label: str) -> "Traced | None":
+    """The program's own :class:`Traced` of ``fn`` under ``label`` (as :func:`static_path`), or None."""
+    program = owner(model)
+    if program is None or not program.acceleration["compile"]:
+        return None
+    table = _SHARED.setdefault(program, {})
+    if label not in table:
+        table[label] = Traced(fn, label=label)
+    return table[label]
 
 
 # --- the inverse normal CDF in operations Inductor vectorizes ---------------------------------------------------
@@ -383,6 +549,9 @@ def _vectorize_ndtri(graph: torch.fx.GraphModule) -> int:
     return replaced
 
 
+_WHILE_LOOP = "torch.ops.higher_order.while_loop"  # the operator's name as Inductor's cache check spells it
+
+
 def _inductor(graph: torch.fx.GraphModule, args) -> Callable:
     """``graph`` compiled by Inductor (its backward through AOTAutograd), called with the same nested arguments.
 
@@ -393,7 +562,7 @@ def _inductor(graph: torch.fx.GraphModule, args) -> Callable:
     The graph itself is kept as it is, to run eagerly if this fails.
     """
     from torch._guards import TracingContext, tracing
-    from torch._inductor import compile as inductor_compile
+    from torch._inductor import compile as inductor_compile, config as inductor_config
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
@@ -407,7 +576,12 @@ def _inductor(graph: torch.fx.GraphModule, args) -> Callable:
     example = [fake.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in inputs]
     flat_module = torch.fx.GraphModule(graph, flat)
     _vectorize_ndtri(flat_module)
-    with tracing(TracingContext(fake)):
+    # Inductor's on-disk cache skips graphs with a loop (torch's while_loop operator, not marked cacheable in
+    # this torch). Its key is made from the pickled graph module, the loop's subgraphs' code included, so a
+    # changed loop body is a different key: marked cacheable here (keyed by torch's version), such a graph
+    # compiles once per machine, not once per process.
+    cacheable = {**inductor_config.unsafe_marked_cacheable_functions, _WHILE_LOOP: torch.__version__}
+    with tracing(TracingContext(fake)), inductor_config.patch(unsafe_marked_cacheable_functions=cacheable):
         compiled = inductor_compile(flat_module, example)
     # the three lists flattened by hand, where that is what the pytree flattening gives (it skips the Nones)
     direct = [a for group in args for a in group if a is not None]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from conftest import pyro_program as _program_file
-from ppl_genmodels.compiled import Static, static_path
+from ppl_genmodels.compiled import Static, Traced, static_path, traced_path, while_loop
 from ppl_genmodels.inference.objectives import make_objective
 from ppl_genmodels.models.vae import VAE
 from ppl_genmodels.programs import Program
@@ -431,6 +431,92 @@ def test_hmc_and_ais_on_a_compiled_program_give_the_general_draws(graph_only):
     for label in ("HMC log-joint and gradient", "AIS log-joint and gradients"):
         static = static_path(None, program.model, label)
         assert static.fallback is None and static.entries, label
+    # every HMC transition (jittered lengths 1 .. 5, warm-up and sampling) ran as one traced graph
+    transition = traced_path(None, program.model, "HMC transition")
+    assert transition.fallback is None and len(transition.entries) == 1
+
+
+def _power(params, a, n):
+    """a * w^n for the parameter w, by a loop whose body gets w as an argument."""
+    (w,) = params
+
+    def cond(i, value, n, w):
+        return i < n
+
+    def body(i, value, n, w):
+        return i + 1, value * w
+
+    return while_loop(cond, body, (torch.zeros((), dtype=torch.int64), a), (n, w))[1]
+
+
+def _power_by_closure(params, a, n):
+    """The same loop, its body reaching w from outside its arguments (a graph would hold w's traced value)."""
+    (w,) = params
+
+    def cond(i, value, n):
+        return i < n
+
+    def body(i, value, n):
+        return i + 1, value * w
+
+    return while_loop(cond, body, (torch.zeros((), dtype=torch.int64), a), (n,))[1]
+
+
+@pytest.mark.parametrize("inductor", [False, True])
+def test_a_traced_loop_runs_any_number_of_iterations_in_one_graph(monkeypatch, inductor):
+    import ppl_genmodels.compiled as compiled
+
+    if not inductor:
+        monkeypatch.setattr(compiled, "_inductor", lambda graph, args: graph)
+    traced = Traced(_power, label="power")
+    for w, n in ((2.0, 3), (3.0, 2), (0.5, 5), (2.0, 0)):
+        out = traced([torch.full((3,), w)], torch.ones(3), torch.tensor(n))
+        torch.testing.assert_close(out, torch.full((3,), w**n))
+    assert traced.fallback is None and len(traced.entries) == 1
+
+
+def test_a_loop_body_that_reaches_a_tensor_by_closure_is_refused_and_the_caller_runs_its_general_path():
+    traced = Traced(_power_by_closure, label="power")
+    with pytest.warns(UserWarning, match="power: the compiled path is off.*reads a tensor it was not given"):
+        assert traced([torch.full((3,), 2.0)], torch.ones(3), torch.tensor(3)) is None
+    assert traced.fallback is not None and not traced.entries
+    assert traced([torch.full((3,), 2.0)], torch.ones(3), torch.tensor(3)) is None  # and stays off, quietly
+
+
+def test_a_graph_with_a_loop_comes_from_inductors_cache_the_second_time():
+    """torch does not mark its while_loop operator cacheable; the loop's subgraphs are part of the cache key, so
+    the toolkit does, and a second compile of the same loop (a later process) is a cache hit."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    if not inductor_config.fx_graph_cache:
+        pytest.skip("Inductor's FX graph cache is off in this environment")
+    hits = []
+    for _ in range(2):
+        counters.clear()
+        traced = Traced(_power, label="power")
+        torch.testing.assert_close(traced([torch.full((2, 5), 1.5)], torch.ones(2, 5), torch.tensor(4)),
+                                   torch.full((2, 5), 1.5**4))
+        assert counters["inductor"]["fxgraph_cache_bypass"] == 0
+        hits.append(counters["inductor"]["fxgraph_cache_hit"])
+    assert hits[1] == 1
+    # a loop that differs only inside its body is another key, not a stale hit
+    other = Traced(_sum_of_powers, label="sum")
+    torch.testing.assert_close(other([torch.full((2, 5), 1.5)], torch.ones(2, 5), torch.tensor(4)),
+                               torch.full((2, 5), 1.0 + 4 * 1.5))
+
+
+def _sum_of_powers(params, a, n):
+    """_power's loop with ``+`` for ``*`` in its body."""
+    (w,) = params
+
+    def cond(i, value, n, w):
+        return i < n
+
+    def body(i, value, n, w):
+        return i + 1, value + w
+
+    return while_loop(cond, body, (torch.zeros((), dtype=torch.int64), a), (n, w))[1]
 
 
 @pytest.mark.slow

@@ -88,3 +88,55 @@ def test_transition_moves_every_field_of_the_state_with_the_position():
     torch.testing.assert_close(new.tag, new.position[..., 0])  # every field belongs to the same point
     kept = ~info.accepted
     assert torch.equal(new.position[kept], state.position[kept]) and torch.equal(new.tag[kept], state.tag[kept])
+
+
+def _python_while_loop(cond, body, carried, constants=()):
+    """torch's while_loop as a plain Python loop: what the traced loop computes, run eagerly."""
+    carried = tuple(carried)
+    while bool(cond(*carried, *constants)):
+        carried = tuple(body(*carried, *constants))
+    return carried
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_the_loop_form_of_the_trajectory_gives_the_python_loops_numbers_exactly(steps):
+    """``leapfrog_loop`` (a tensor number of steps, every tensor through the body's arguments) computes what
+    ``leapfrog`` does, operation by operation: the same bits, for one step and several."""
+    torch.manual_seed(3)
+    scale = torch.tensor([[0.5, 2.0, 1.0]])
+
+    def logdensity(z):
+        return -0.5 * ((z / scale) ** 2).sum(-1) - (z.sin() ** 2).sum(-1)
+
+    def evaluate(z, s=scale):
+        with torch.enable_grad():
+            pos = z.detach().requires_grad_(True)
+            value = -0.5 * ((pos / s) ** 2).sum(-1) - (pos.sin() ** 2).sum(-1)
+            (grad,) = torch.autograd.grad(value.sum(), pos)
+        return hmc.HMCState(z, value.detach(), grad)
+
+    state = hmc.init(torch.randn(4, 2, 3), logdensity)
+    momentum, eps, inverse_mass = torch.randn(4, 2, 3), torch.rand(4, 2, 1) * 0.3, torch.rand(1, 2, 3) + 0.5
+    expected = hmc.leapfrog(state, momentum, evaluate, eps, inverse_mass, steps)
+    got = hmc.leapfrog_loop(state, momentum, evaluate, eps, inverse_mass, torch.tensor(steps),
+                            while_loop=_python_while_loop, constants=(scale,))
+    for a, b in zip((*got[0], got[1]), (*expected[0], expected[1])):
+        assert torch.equal(a, b)
+
+
+def test_a_transition_is_its_draws_then_the_metropolis_step_on_them():
+    """``transition`` = ``draws`` (noise, then the uniforms, from the generator) + ``metropolis``: the split a
+    compiled caller uses gives the same transition from the same generator state."""
+    start = hmc.init(torch.randn(3, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)),
+                     _gaussian)
+    whole = hmc.transition(start, lambda z: hmc.init(z, _gaussian), 0.4, 1.0, 3,
+                           generator=torch.Generator().manual_seed(5))
+    noise, uniform = hmc.draws(start, torch.Generator().manual_seed(5))
+    assert noise.shape == (3, 2, 4) and uniform.shape == (3, 2)
+
+    def integrate(state, momentum, eps, inv, steps):
+        return hmc.leapfrog(state, momentum, lambda z: hmc.init(z, _gaussian), eps, inv, steps)
+
+    split = hmc.metropolis(start, noise, uniform, integrate, 0.4, 1.0, 3)
+    for a, b in zip((*whole[0], *whole[1]), (*split[0], *split[1])):
+        assert torch.equal(a, b)
