@@ -447,6 +447,11 @@ class Traced:
             if entry.run is None:
                 out, seconds = _first_call(entry, args, self.compile, self.label)
                 self.seconds += seconds
+                if self.compile and entry.run is entry.graph:
+                    # Inductor failed (warned): a traced loop run eagerly is no faster than its caller's general
+                    # path, which has compiled pieces of its own, so the caller takes over after this call
+                    self.fallback = "compiling failed"
+                    self.entries.clear()
                 return out
             return entry.run(*args)
 

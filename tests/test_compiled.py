@@ -857,3 +857,34 @@ def test_a_kl_warm_up_runs_one_compiled_graph_with_the_weight_as_an_input(graph_
         _assert_close(a, b, rtol=1e-5)
     static = runs[True][2].statics[1 if optimizer == "adam" else 0]
     assert static.fallback is None and len(static.entries) == 2  # weighted (any weight) and unweighted
+
+
+def test_when_inductor_fails_on_a_traced_transition_hmc_goes_on_with_its_per_step_graphs(monkeypatch):
+    """A traced loop that Inductor cannot compile gives its one eager result, with a warning, and then
+    returns None: the sampler's per-leapfrog-step path (with its own compiled graph) takes over, and the
+    draws are those of the program as written."""
+    import ppl_genmodels.compiled as compiled
+    from ppl_genmodels.inference.mcmc import hmc_posterior
+
+    program, x = _trained_like_vae()
+    options = dict(num_chains=2, num_samples=4, warmup=4, num_leapfrog=3, warn=False)
+    reference = hmc_posterior(program.model, program.guide, x, generator=Streams(0, torch.arange(8), "hmc"),
+                              **options).samples
+    real = compiled._inductor
+
+    def failing(graph, args):
+        if any(isinstance(m, torch.fx.GraphModule) and m is not graph for m in graph.modules()):  # the loop
+            raise RuntimeError("no lowering for this loop")
+        return lambda *a: graph(*a)  # the per-step graph: as recorded (the general path's kernels)
+
+    monkeypatch.setattr(compiled, "_inductor", failing)
+    monkeypatch.setattr(compiled, "_LINEAR", None)
+    program.accelerate(compile=True)
+    with pytest.warns(UserWarning, match="HMC transition: compiling failed .*no lowering for this loop"):
+        result = hmc_posterior(program.model, program.guide, x, generator=Streams(0, torch.arange(8), "hmc"),
+                               **options)
+    for name in reference:
+        _assert_close(result.samples[name], reference[name])
+    transition = traced_path(None, program.model, "HMC transition")
+    assert transition.fallback == "compiling failed" and not transition.entries
+    assert static_path(None, program.model, "HMC log-joint and gradient").entries  # the per-step graph ran
