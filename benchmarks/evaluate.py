@@ -383,16 +383,21 @@ def decoder_products_gflops(shapes: list[tuple[int, int]], rows: int, device: to
                 h = h.relu_()
         return h
 
+    return 2.0 * rows * sum(i * o for i, o in shapes) / median_seconds(products, device, repeats) / 1e9
+
+
+def median_seconds(kernel, device: torch.device, repeats: int) -> float:
+    """Median wall time of ``kernel()`` over ``repeats`` calls, after two untimed ones."""
     for _ in range(2):
-        products()
+        kernel()
     times = []
     for _ in range(repeats):
         sync(device)
         t0 = time.perf_counter()
-        products()
+        kernel()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return 2.0 * rows * sum(i * o for i, o in shapes) / statistics.median(times) / 1e9
+    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -411,16 +416,7 @@ def gemm_gflops(rows: int, inner: int, outer: int, device: torch.device, repeats
         linear = torch.ops.mkldnn._linear_pointwise.default
         kernels["onednn"] = lambda: linear(a, b.t(), None, "none", [], "")
     for name, kernel in kernels.items():
-        for _ in range(2):
-            kernel()
-        times = []
-        for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            kernel()
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        GEMM_KERNELS[name] = 2.0 * rows * inner * outer / statistics.median(times) / 1e9
+        GEMM_KERNELS[name] = 2.0 * rows * inner * outer / median_seconds(kernel, device, repeats) / 1e9
     return max(GEMM_KERNELS.values())
 
 
