@@ -16,7 +16,7 @@ import dataclasses
 import sys
 import typing
 
-from ppl_genmodels import distributed
+from ppl_genmodels import compiled, distributed
 from ppl_genmodels.comparison import compare_name, compare_run
 from ppl_genmodels.config import COMPILE_CHOICES, ConfigError, RunConfig
 from ppl_genmodels.data import DATASETS, SPLIT_NAMES, DataError
@@ -241,6 +241,13 @@ def _print_result_set(run, folder, files: dict[str, str]) -> None:
         print(f"{what}: {folder / file}")
 
 
+def _print_compiled(run) -> None:
+    """The compiled paths' graphs and compile seconds of the command's program, when it compiled any."""
+    line = compiled.report(run.program)
+    if line is not None and distributed.is_main():
+        print(line)
+
+
 def _evaluate(args) -> int:
     if args.estimators is not None and args.k is not None:
         raise ValueError("give --estimators or --k, not both")
@@ -257,6 +264,7 @@ def _evaluate(args) -> int:
         proposal=args.proposal)))
     summary, _ = evaluate_run(run, name=name, **options, **_seed(args))
     _print_summary(summary, f"log p(x) on the {args.split} split")
+    _print_compiled(run)
     _print_result_set(run, run.result_set("evaluation", name),
                       {"summary": "summary.csv", "per-datapoint estimates": "per_datapoint.csv"})
     return 0
@@ -285,6 +293,7 @@ def _bdmc(args) -> int:
     summary, _ = bdmc_run(run, n=args.n, num_steps=args.steps, chains=args.chains, batch_size=args.batch_size,
                           progress=not args.quiet, name=name, **_seed(args))
     _print_summary(summary, f"BDMC bounds on log p(x) of simulated data ({args.steps} steps)")
+    _print_compiled(run)
     _print_result_set(run, run.result_set("bdmc", name),
                       {"summary": "summary.csv", "per-datapoint bounds": "per_datapoint.csv"})
     return 0
@@ -303,6 +312,7 @@ def _compare(args) -> int:
     print(f"inference on the first {len(per)} datapoints of the {args.split} split: log p(x) and ELBOs (nats), "
           "gaps, discrepancies from MCMC / exact draws, MCMC diagnostics")
     print(summary.T.to_string(header=False, float_format=lambda v: f"{v:.4f}"))
+    _print_compiled(run)
     folder = run.result_set("compare", name)
     _print_result_set(run, folder, {"summary": "summary.csv",
                                     "per-datapoint gaps, diagnostics and discrepancies": "per_datapoint.csv",

@@ -61,7 +61,7 @@ from torch import nn
 from ppl_genmodels.programs import Program
 from ppl_genmodels.traces import first_line
 
-__all__ = ["Captured", "Static", "StaticError", "Traced", "owner", "static_path", "traced_path", "while_loop", "RARE"]
+__all__ = ["Captured", "Static", "StaticError", "Traced", "owner", "report", "static_path", "traced_path", "while_loop", "RARE"]
 
 #: a signature called fewer than 1/RARE times as often as the most frequent one runs as written, uncompiled
 RARE = 8
@@ -95,6 +95,21 @@ def static_path(fn: Callable, model: Callable, label: str, *, inner_grad: bool =
     if label not in table:
         table[label] = Static(fn, program, label=label, inner_grad=inner_grad)
     return table[label]
+
+
+def report(model: Callable) -> str | None:
+    """One line on the compiled paths of ``model``'s program so far: per path, its graphs and the seconds spent
+    capturing and compiling them, or why it runs as written. None when no path of it has compiled anything."""
+    program = model if isinstance(model, Program) else owner(model)
+    table = _SHARED.get(program, {}) if program is not None else {}
+    parts = []
+    for label, path in table.items():
+        if path.fallback is not None:
+            parts.append(f"{label}: as written ({path.fallback})")
+        elif path.entries:
+            parts.append(f"{label}: {len(path.entries)} graph(s), {path.seconds:.1f} s")
+    return "compiled paths (capturing and compiling, counted in the seconds above): " + "; ".join(parts) \
+        if parts else None
 
 
 def _static_key(value):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
 import pandas as pd
+
 import pytest
 import torch
 
@@ -477,11 +479,18 @@ def test_cli_evaluate_compiled_gives_the_same_estimates(vae_run):
 
     frames = {}
     for setting in ("off", "on"):
-        code, _, stderr = _main(["evaluate", vae_run.path, "--estimators", "elbo,iwae:300,ais:3", "--chains", "2",
-                                 "--count", "8", "--compile", setting, "--name", f"compile-{setting}", "--quiet",
-                                 "--device", "cpu"])
+        code, stdout, stderr = _main(["evaluate", vae_run.path, "--estimators", "elbo,iwae:300,ais:3", "--chains",
+                                      "2", "--count", "8", "--compile", setting, "--name", f"compile-{setting}",
+                                      "--quiet", "--device", "cpu"])
         assert code == 0, stderr
         assert "compiled path is off" not in stderr
+        # the compile time is reported apart, per path, where anything was compiled
+        report = [line for line in stdout.splitlines() if line.startswith("compiled paths")]
+        if setting == "on":
+            assert len(report) == 1 and re.search(r"log-weights of a particle chunk: \d graph\(s\), [\d.]+ s",
+                                                  report[0]) and "AIS log-joint and gradients: 1 graph(s)" in report[0]
+        else:
+            assert report == []
         frames[setting] = pd.read_csv(vae_run.path / "evaluation" / f"compile-{setting}" / "per_datapoint.csv")
     for column in ("elbo", "iwae300", "ais3"):
         np.testing.assert_allclose(frames["on"][column], frames["off"][column], rtol=1e-4, atol=1e-3)
