@@ -371,7 +371,7 @@ class Static:
 
     def _call(self, entry: _Entry, args, streams):
         if entry.run is None:
-            out, seconds = _first_call(entry, args, self.compile, self.label)
+            out, seconds, _ = _first_call(entry, args, self.compile, self.label)
             self.seconds += seconds
             return self._after(entry, streams, out)
         return self._after(entry, streams, entry.run(*args))
@@ -386,10 +386,11 @@ class Static:
 
 def _first_call(entry: _Entry, args, compile: bool, label: str) -> tuple:
     """Run ``entry`` for the first time, compiled by Inductor when ``compile`` (eagerly, with a warning, where
-    that fails); its ``run`` is set for the later calls. Returns (outputs, seconds spent compiling)."""
+    that fails); its ``run`` is set for the later calls. Returns (outputs, seconds spent compiling, whether
+    Inductor failed)."""
     entry.run = entry.graph
     if not compile:
-        return entry.run(*args), 0.0
+        return entry.run(*args), 0.0, False
     began = time.perf_counter()
     try:
         with warnings.catch_warnings():  # deprecations inside Inductor's own lowerings are not the user's
@@ -397,12 +398,12 @@ def _first_call(entry: _Entry, args, compile: bool, label: str) -> tuple:
             compiled = _inductor(entry.graph, args)
             out = compiled(*args)
         entry.run = compiled
-        return out, time.perf_counter() - began
+        return out, time.perf_counter() - began, False
     except Exception as err:
         warnings.warn(f"{label}: compiling failed ({type(err).__name__}: {first_line(err, '')}); the captured "
                       "graph runs eagerly", stacklevel=4)
     seconds = time.perf_counter() - began
-    return entry.run(*args), seconds
+    return entry.run(*args), seconds, True
 
 
 # --- functions built around captured graphs ---------------------------------------------------------------------
@@ -460,9 +461,9 @@ class Traced:
                 self.seconds += time.perf_counter() - began
         with torch.no_grad():
             if entry.run is None:
-                out, seconds = _first_call(entry, args, self.compile, self.label)
+                out, seconds, failed = _first_call(entry, args, self.compile, self.label)
                 self.seconds += seconds
-                if self.compile and entry.run is entry.graph:
+                if failed:
                     # Inductor failed (warned): a traced loop run eagerly is no faster than its caller's general
                     # path, which has compiled pieces of its own, so the caller takes over after this call
                     self.fallback = "compiling failed"
