@@ -436,6 +436,31 @@ def test_hmc_and_ais_on_a_compiled_program_give_the_general_draws(graph_only):
     assert transition.fallback is None and len(transition.entries) == 1
 
 
+def test_hmc_of_a_conditional_program_and_of_pyros_structured_cvae_gives_the_general_draws(graph_only):
+    """The conditioning y enters the transition's graph as an input (built-in CVAE, and a Pyro user's CVAE)."""
+    from ppl_genmodels.inference.mcmc import hmc_posterior
+    from ppl_genmodels.models.cvae import CVAE
+
+    torch.manual_seed(2)
+    structured = _program_file("structured_cvae")  # the data is its second argument
+    cases = [(Program(CVAE(64, 3, y_dim=5, hidden=(16,))), _x(6),
+              torch.nn.functional.one_hot(torch.arange(6) % 5, 5).float()),
+             (Program(structured.CVAE(3, 16, 16, structured.Baseline(10, 20, 8)), data_arg="ys"), _x(6, 20),
+              torch.rand(6, 10))]
+    for program, x, y in cases:
+        program.check(x, y)
+        draws = {}
+        for compiled in (False, True):
+            program.accelerate(compile=compiled)
+            draws[compiled] = hmc_posterior(program.model, program.guide, x, y, num_chains=2, num_samples=5,
+                                            warmup=5, num_leapfrog=3, generator=Streams(0, torch.arange(6), "h"),
+                                            warn=False).samples
+        for name in draws[False]:
+            _assert_close(draws[True][name], draws[False][name])
+        transition = traced_path(None, program.model, "HMC transition")
+        assert transition.fallback is None and len(transition.entries) == 1
+
+
 def _power(params, a, n):
     """a * w^n for the parameter w, by a loop whose body gets w as an argument."""
     (w,) = params
