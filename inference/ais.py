@@ -62,10 +62,11 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 from tqdm.auto import tqdm
 
-from ppl_genmodels.compiled import static_path
+from ppl_genmodels.compiled import static_path, traced_path
 from ppl_genmodels.inference import hmc
 from ppl_genmodels.inference.adaptation import TARGET_ACCEPT, adapt_step_size
 from ppl_genmodels.inference.importance import iwae_estimate
+from ppl_genmodels.inference.mcmc import DIVERGENCE, compiled_transition, traced_transition
 from ppl_genmodels.traces import DATA_PLATE, LogJoint, TraceError, is_streams, observed_site, seeded_from
 
 __all__ = ["AISResult", "AnnealedPoint", "SCHEDULES", "NUM_LEAPFROG", "sigmoid_schedule", "linear_schedule", "ais",
@@ -154,13 +155,41 @@ class AISState(NamedTuple):
     accept_total: torch.Tensor  # [batch] sum over steps of the mean acceptance over chains
 
 
+def _annealed_point(u: torch.Tensor, outputs: tuple, beta: torch.Tensor) -> AnnealedPoint:
+    """The point at ``u`` and inverse temperature ``beta`` (a tensor) from the captured graph's outputs there."""
+    log_start, log_target, grad_start, grad_target = outputs
+    return AnnealedPoint(u, log_start, grad_start, log_start, log_target, grad_start, grad_target).at(beta)
+
+
 def _anneal(state: AISState, joint: LogJoint, beta_prev: float, beta: float, num_leapfrog: int, target_accept: float,
             generator) -> AISState:
-    """One AIS step: add the weight increment at the current point, then one HMC transition leaving f_beta invariant."""
+    """One AIS step: add the weight increment at the current point, then one HMC transition leaving f_beta invariant.
+
+    On a compiled program the transition after its draws is one compiled call, the leapfrog
+    steps a loop inside it (:func:`~ppl_genmodels.inference.mcmc.compiled_transition`), with
+    beta an input of the graph (a 0-dim tensor, as a Python number enters the arithmetic).
+    """
     point = state.point
     log_w = state.log_w + (beta - beta_prev) * (point.log_target - point.log_start)
-    point, info = hmc.transition(point.at(beta), _evaluator(joint, beta), state.step_size, 1.0, num_leapfrog,
-                                 generator=generator)
+    point = point.at(beta)
+    noise, uniform = hmc.draws(point, generator)
+    like = point.log_density
+    info = None
+    traced = traced_path(traced_transition, joint.model, "AIS transition")
+    if traced is not None:
+        static = static_path(_ends_and_grads, joint.model, "AIS log-joint and gradients", inner_grad=True)
+        done = compiled_transition(traced, static, joint, point, noise, uniform, state.step_size,
+                                   like.new_ones(()), num_leapfrog, point=_annealed_point,
+                                   extra=(torch.tensor(beta, dtype=like.dtype, device=like.device),))
+        if done is not None:
+            point, info = done
+    if info is None:
+        evaluate = _evaluator(joint, beta)
+
+        def integrate(start, momentum, eps, inverse_mass, steps):
+            return hmc.leapfrog(start, momentum, evaluate, eps, inverse_mass, steps)
+
+        point, info = hmc.metropolis(point, noise, uniform, integrate, state.step_size, 1.0, num_leapfrog, DIVERGENCE)
     step_size = adapt_step_size(state.step_size, info.accept_rate, target_accept)
     return AISState(point, log_w, step_size, state.accept_total + info.accept_rate.mean(0))
 

@@ -46,7 +46,7 @@ import torch
 from pyro.infer import MCMC, NUTS
 from tqdm.auto import tqdm
 
-from ppl_genmodels.compiled import Captured, static_path, traced_path, while_loop
+from ppl_genmodels.compiled import Captured, Static, Traced, static_path, traced_path, while_loop
 from ppl_genmodels.inference import hmc
 from ppl_genmodels.inference.diagnostics import ess_bulk, ess_tail, split_rhat
 from ppl_genmodels.inference.adaptation import (
@@ -58,7 +58,8 @@ from ppl_genmodels.inference.adaptation import (
 )
 from ppl_genmodels.traces import LogJoint, is_streams, seeded_from
 
-__all__ = ["MCMCResult", "MCMC_METHODS", "RHAT_THRESHOLD", "hmc_posterior", "nuts_posterior", "diagnostics"]
+__all__ = ["MCMCResult", "MCMC_METHODS", "RHAT_THRESHOLD", "hmc_posterior", "nuts_posterior", "diagnostics",
+           "compiled_transition", "traced_transition"]
 
 #: the samplers of the latent posterior: batched HMC (:func:`hmc_posterior`) and Pyro's NUTS (:func:`nuts_posterior`)
 MCMC_METHODS = ("hmc", "nuts")
@@ -162,49 +163,82 @@ def _evaluator(joint: LogJoint) -> Callable[[torch.Tensor], hmc.HMCState]:
     return evaluate
 
 
-def _traced_transition(params: list, position, log_density, grad, noise, uniform, step_size, inverse_mass,
-                       num_leapfrog, x, y=None, *, target: Captured, threshold: float):
-    """One HMC transition given its draws, as tensor operations around ``target`` (the captured log-joint and
-    gradient; ``params`` are the program's parameters, then the graph's constants): the whole trajectory is one
-    loop of the traced graph."""
-    count = len(target.parameters)
+def traced_transition(params: list, *tensors, target: Captured, kind: type, point: Callable, extra: int,
+                      threshold: float):
+    """One HMC transition given its draws, as tensor operations around ``target``: the whole trajectory is one
+    loop of the traced graph (the body of :class:`compiled.Traced` for :func:`compiled_transition`).
 
-    def evaluate(u, *constants):
-        value, gradient = target(constants[:count], constants[count:len(params)], u, *constants[len(params):],
-                                 *([None] if y is None else []))
-        return hmc.HMCState(u, value, gradient)
+    ``tensors``: the state's fields (a ``kind``), noise, uniforms, step size, inverse mass,
+    number of leapfrog steps, ``extra`` more tensors for ``point``, then the data ``x`` (and
+    ``y``). ``params`` are the program's parameters, then the captured graph's constants.
+    ``point(u, outputs, *more)`` builds the state at ``u`` from ``target``'s outputs there.
+    """
+    fields = len(kind._fields)
+    state = kind(*tensors[:fields])
+    noise, uniform, step_size, inverse_mass, num_leapfrog = tensors[fields:fields + 5]
+    more, data = tensors[fields + 5:fields + 5 + extra], tensors[fields + 5 + extra:]
+    count, inputs = len(target.parameters), len(params)
 
-    def integrate(state, momentum, eps, inv, steps):
-        return hmc.leapfrog_loop(state, momentum, evaluate, eps, inv, steps, while_loop=while_loop,
-                                 constants=(*params, x, *(() if y is None else (y,))))
+    def evaluate(u, *constants):  # every tensor through the loop's arguments: (*more, *params, *data)
+        tables, given = constants[extra:extra + inputs], constants[extra + inputs:]
+        outputs = target(tables[:count], tables[count:], u, *given, *([None] * (2 - len(given))))
+        return point(u, outputs, *constants[:extra])
 
-    state = hmc.HMCState(position, log_density, grad)
+    def integrate(start, momentum, eps, inv, steps):
+        return hmc.leapfrog_loop(start, momentum, evaluate, eps, inv, steps, while_loop=while_loop,
+                                 constants=(*more, *params, *data))
+
     new, info = hmc.metropolis(state, noise, uniform, integrate, step_size, inverse_mass, num_leapfrog, threshold)
     return (*new, *info)
+
+
+def compiled_transition(traced: Traced | None, static: Static | None, joint: LogJoint, state, noise, uniform,
+                        step_size, inverse_mass, num_leapfrog: int, *, point: Callable, extra: tuple = ()):
+    """``(state, info)`` of one HMC transition as one compiled call, or None where there is none to make.
+
+    ``static`` is the program's captured evaluation of the state's densities (called as
+    ``static(u, x, y, joint=joint)``), ``traced`` the program's :class:`Traced` of
+    :func:`traced_transition`: the captured graph runs inside a loop over the leapfrog steps,
+    whose number is an input, so every trajectory length runs the same graph. The draws
+    (``noise``, ``uniform``) are made by the caller. None (the caller's general path then runs)
+    when the program is not compiled or either graph cannot be made.
+    """
+    if traced is None or traced.fallback is not None:
+        return None
+    captured = static.captured(state.position, joint.x, joint.y, joint=joint)
+    if captured is None:
+        return None
+    data = (joint.x,) if joint.y is None else (joint.x, joint.y)
+    steps = torch.tensor(num_leapfrog, device=state.position.device)
+    out = traced([*captured.parameters, *captured.constants], *state, noise, uniform, step_size, inverse_mass, steps,
+                 *extra, *data, target=captured, kind=type(state), point=point, extra=len(extra),
+                 threshold=DIVERGENCE)
+    if out is None:
+        return None
+    return type(state)(*out[:len(state)]), hmc.HMCInfo(*out[len(state):])
+
+
+def _hmc_point(u, outputs):
+    """The HMC state at ``u`` from the captured log-joint's (value, gradient)."""
+    return hmc.HMCState(u, *outputs)
 
 
 def _kernel(joint: LogJoint, evaluate: Callable[[torch.Tensor], hmc.HMCState]) -> Callable:
     """``(state, step_size, inverse_mass, num_leapfrog, generator) -> (state, info)``: one HMC transition.
 
-    Where the program is compiled, everything but the random draws is one compiled call: the
-    log-joint's captured graph inside a loop over the leapfrog steps, whose number is an input
-    (so every jittered length runs the same graph), and the Metropolis correction. Otherwise,
-    or where that graph cannot be made, :func:`hmc.transition` with ``evaluate``.
+    Where the program is compiled, everything but the random draws is one compiled call
+    (:func:`compiled_transition`); otherwise, or where that graph cannot be made,
+    :func:`hmc.metropolis` with ``evaluate`` at every leapfrog step.
     """
     static = static_path(_target_and_grad, joint.model, "HMC log-joint and gradient", inner_grad=True)
-    traced = traced_path(_traced_transition, joint.model, "HMC transition")
+    traced = traced_path(traced_transition, joint.model, "HMC transition")
 
     def kernel(state: hmc.HMCState, step_size, inverse_mass, num_leapfrog: int, generator):
         noise, uniform = hmc.draws(state, generator)
-        if traced is not None and traced.fallback is None:
-            captured = static.captured(state.position, joint.x, joint.y, joint=joint)
-            if captured is not None:
-                steps = torch.tensor(num_leapfrog, device=state.position.device)
-                out = traced([*captured.parameters, *captured.constants], *state, noise, uniform, step_size,
-                             inverse_mass, steps, joint.x, *(() if joint.y is None else (joint.y,)),
-                             target=captured, threshold=DIVERGENCE)
-                if out is not None:
-                    return hmc.HMCState(*out[:3]), hmc.HMCInfo(*out[3:])
+        done = compiled_transition(traced, static, joint, state, noise, uniform, step_size, inverse_mass,
+                                   num_leapfrog, point=_hmc_point)
+        if done is not None:
+            return done
 
         def integrate(start, momentum, eps, inv, steps):
             return hmc.leapfrog(start, momentum, evaluate, eps, inv, steps)

@@ -431,9 +431,11 @@ def test_hmc_and_ais_on_a_compiled_program_give_the_general_draws(graph_only):
     for label in ("HMC log-joint and gradient", "AIS log-joint and gradients"):
         static = static_path(None, program.model, label)
         assert static.fallback is None and static.entries, label
-    # every HMC transition (jittered lengths 1 .. 5, warm-up and sampling) ran as one traced graph
-    transition = traced_path(None, program.model, "HMC transition")
-    assert transition.fallback is None and len(transition.entries) == 1
+    # every HMC transition (jittered lengths 1 .. 5, warm-up and sampling) and every AIS transition (each at its
+    # own temperature, an input) ran as one traced graph
+    for label in ("HMC transition", "AIS transition"):
+        transition = traced_path(None, program.model, label)
+        assert transition.fallback is None and len(transition.entries) == 1, label
 
 
 def test_hmc_of_a_conditional_program_and_of_pyros_structured_cvae_gives_the_general_draws(graph_only):
