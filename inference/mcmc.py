@@ -223,7 +223,7 @@ def _hmc_point(u, outputs):
     return hmc.HMCState(u, *outputs)
 
 
-def _kernel(joint: LogJoint, evaluate: Callable[[torch.Tensor], hmc.HMCState]) -> Callable:
+def _transitions(joint: LogJoint, evaluate: Callable[[torch.Tensor], hmc.HMCState]) -> Callable:
     """``(state, step_size, inverse_mass, num_leapfrog, generator) -> (state, info)``: one HMC transition.
 
     Where the program is compiled, everything but the random draws is one compiled call
@@ -309,7 +309,7 @@ def hmc_posterior(
     with pyro.validation_enabled(False), tqdm(total=warmup + num_samples, desc="HMC", unit="it",
                                               disable=not progress, leave=False) as bar:
         evaluate = _evaluator(joint)
-        transition = _kernel(joint, evaluate)
+        transition = _transitions(joint, evaluate)
         state, adapt = evaluate(u), window_adaptation_init(u, step_size)
         for stage in warmup_schedule(warmup):
             state, info = transition(state, adapt.step_size, adapt.inverse_mass, _jittered(num_leapfrog, counts),
