@@ -61,7 +61,8 @@ from torch import nn
 from ppl_genmodels.programs import Program
 from ppl_genmodels.traces import first_line
 
-__all__ = ["Captured", "Static", "StaticError", "Traced", "owner", "report", "static_path", "traced_path", "while_loop", "RARE"]
+__all__ = ["Captured", "Static", "StaticError", "Traced", "owner", "report", "static_path", "traced_path", "while_loop",
+           "RARE"]
 
 #: a signature called fewer than 1/RARE times as often as the most frequent one runs as written, uncompiled
 RARE = 8
@@ -177,10 +178,14 @@ class Captured(NamedTuple):
         return self.graph
 
     def __call__(self, parameters, constants, *tensors):
-        names = [n.target for n in self.graph.graph.nodes if n.op == "get_attr" and
-                 isinstance(getattr(self.graph, n.target, None), torch.Tensor)]
-        table = dict(zip(dict.fromkeys(names), constants))
+        table = dict(zip(_constant_names(self.graph), constants))
         return _Lifted(self.graph, table).run(list(parameters), list(tensors), [])
+
+
+def _constant_names(graph: torch.fx.GraphModule) -> list[str]:
+    """The graph's constant tensors (``get_attr`` nodes), by name, each once, in the order of the graph."""
+    return list(dict.fromkeys(n.target for n in graph.graph.nodes
+                              if n.op == "get_attr" and isinstance(getattr(graph, n.target, None), torch.Tensor)))
 
 
 class Static:
@@ -257,9 +262,8 @@ class Static:
         entry = self.entries.get(signature) or self._new_entry(signature, named, tensors, None, options)
         if entry is None:
             return None
-        names = [n.target for n in entry.graph.graph.nodes
-                 if n.op == "get_attr" and isinstance(getattr(entry.graph, n.target, None), torch.Tensor)]
-        return Captured(entry.graph, [p for _, p in named], [getattr(entry.graph, n) for n in dict.fromkeys(names)])
+        return Captured(entry.graph, [p for _, p in named],
+                        [getattr(entry.graph, name) for name in _constant_names(entry.graph)])
 
     def _new_entry(self, signature, named, tensors, streams, options) -> "_Entry | None":
         """Capture a new signature; None (and the general path from now on) when that cannot be done."""
