@@ -66,7 +66,7 @@ from ppl_genmodels.compiled import static_path, traced_path
 from ppl_genmodels.inference import hmc
 from ppl_genmodels.inference.adaptation import TARGET_ACCEPT, adapt_step_size
 from ppl_genmodels.inference.importance import iwae_estimate
-from ppl_genmodels.inference.mcmc import DIVERGENCE, compiled_transition, traced_transition
+from ppl_genmodels.inference.mcmc import compiled_transition, traced_transition
 from ppl_genmodels.traces import DATA_PLATE, LogJoint, TraceError, is_streams, observed_site, seeded_from
 
 __all__ = ["AISResult", "AnnealedPoint", "SCHEDULES", "NUM_LEAPFROG", "sigmoid_schedule", "linear_schedule", "ais",
@@ -171,25 +171,13 @@ def _anneal(state: AISState, joint: LogJoint, beta_prev: float, beta: float, num
     """
     point = state.point
     log_w = state.log_w + (beta - beta_prev) * (point.log_target - point.log_start)
-    point = point.at(beta)
-    noise, uniform = hmc.draws(point, generator)
     like = point.log_density
-    info = None
-    traced = traced_path(traced_transition, joint.model, "AIS transition")
-    if traced is not None:
-        static = static_path(_ends_and_grads, joint.model, "AIS log-joint and gradients", inner_grad=True)
-        done = compiled_transition(traced, static, joint, point, noise, uniform, state.step_size,
-                                   like.new_ones(()), num_leapfrog, point=_annealed_point,
-                                   extra=(torch.tensor(beta, dtype=like.dtype, device=like.device),))
-        if done is not None:
-            point, info = done
-    if info is None:
-        evaluate = _evaluator(joint, beta)
-
-        def integrate(start, momentum, eps, inverse_mass, steps):
-            return hmc.leapfrog(start, momentum, evaluate, eps, inverse_mass, steps)
-
-        point, info = hmc.metropolis(point, noise, uniform, integrate, state.step_size, 1.0, num_leapfrog, DIVERGENCE)
+    beta_input = torch.tensor(beta, dtype=like.dtype, device=like.device)
+    point, info = compiled_transition(
+        joint, point.at(beta), state.step_size, like.new_ones(()), num_leapfrog, generator,
+        evaluate=_evaluator(joint, beta), point=_annealed_point, extra=(beta_input,),
+        traced=traced_path(traced_transition, joint.model, "AIS transition"),
+        static=static_path(_ends_and_grads, joint.model, "AIS log-joint and gradients", inner_grad=True))
     step_size = adapt_step_size(state.step_size, info.accept_rate, target_accept)
     return AISState(point, log_w, step_size, state.accept_total + info.accept_rate.mean(0))
 

@@ -30,9 +30,10 @@ streams: a datapoint's chain does not depend on the other datapoints of the batc
 uniform, before the trajectory, in the order the transition uses them) and
 ``metropolis`` (trajectory and correction, given those draws), so that a compiled
 caller can draw eagerly and run the rest as one graph. The trajectory is an
-``integrate`` function: ``leapfrog`` (a Python loop over a given number of steps)
-by default, or ``leapfrog_loop``, the same arithmetic as one loop whose number of
-steps is a tensor (the form a traced graph holds as torch's ``while_loop``).
+``integrate`` function: ``integrator(evaluate)``, ``leapfrog`` (a Python loop over a
+given number of steps) on ``evaluate``, by default, or ``leapfrog_loop``, the same
+arithmetic as one loop whose number of steps is a tensor (the form a traced graph
+holds as torch's ``while_loop``).
 
 ``step`` differentiates a plain log density. ``transition`` is the same
 transition for a state that carries more than the log density at its position
@@ -49,7 +50,8 @@ import torch
 
 from ppl_genmodels.traces import is_streams
 
-__all__ = ["HMCState", "HMCInfo", "init", "step", "transition", "draws", "metropolis", "leapfrog", "leapfrog_loop"]
+__all__ = ["HMCState", "HMCInfo", "init", "step", "transition", "draws", "metropolis", "leapfrog", "integrator",
+           "leapfrog_loop"]
 
 
 class HMCState(NamedTuple):
@@ -92,6 +94,15 @@ def leapfrog(state: State, momentum: torch.Tensor, evaluate: Callable[[torch.Ten
         if i < num_leapfrog - 1:
             p = p + step_size * point.grad
     return point, p + 0.5 * step_size * point.grad
+
+
+def integrator(evaluate: Callable[[torch.Tensor], State]) -> Callable:
+    """:func:`leapfrog` on ``evaluate``, as ``metropolis`` takes a trajectory:
+    ``(state, momentum, step_size, inverse_mass, num_leapfrog) -> (state, momentum)``."""
+    def integrate(state, momentum, step_size, inverse_mass, num_leapfrog):
+        return leapfrog(state, momentum, evaluate, step_size, inverse_mass, num_leapfrog)
+
+    return integrate
 
 
 def leapfrog_loop(state: State, momentum: torch.Tensor, evaluate: Callable[..., State], step_size: torch.Tensor,
@@ -185,11 +196,8 @@ def transition(
     ``generator``: None (torch's global generator), a ``torch.Generator``, or per-datapoint streams.
     """
     noise, uniform = draws(state, generator)
-
-    def integrate(start, momentum, eps, inverse_mass, steps):
-        return leapfrog(start, momentum, evaluate, eps, inverse_mass, steps)
-
-    return metropolis(state, noise, uniform, integrate, step_size, inverse_mass, num_leapfrog, divergence_threshold)
+    return metropolis(state, noise, uniform, integrator(evaluate), step_size, inverse_mass, num_leapfrog,
+                      divergence_threshold)
 
 
 def step(

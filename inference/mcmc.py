@@ -192,30 +192,31 @@ def traced_transition(params: list, *tensors, target: Captured, kind: type, poin
     return (*new, *info)
 
 
-def compiled_transition(traced: Traced | None, static: Static | None, joint: LogJoint, state, noise, uniform,
-                        step_size, inverse_mass, num_leapfrog: int, *, point: Callable, extra: tuple = ()):
-    """``(state, info)`` of one HMC transition as one compiled call, or None where there is none to make.
+def compiled_transition(joint: LogJoint, state, step_size, inverse_mass, num_leapfrog: int, generator, *,
+                        evaluate: Callable, traced: Traced | None, static: Static | None, point: Callable,
+                        extra: tuple = ()):
+    """``(state, info)`` of one HMC transition of ``joint``'s state: one compiled call where it can be.
 
     ``static`` is the program's captured evaluation of the state's densities (called as
     ``static(u, x, y, joint=joint)``), ``traced`` the program's :class:`Traced` of
     :func:`traced_transition`: the captured graph runs inside a loop over the leapfrog steps,
-    whose number is an input, so every trajectory length runs the same graph. The draws
-    (``noise``, ``uniform``) are made by the caller. None (the caller's general path then runs)
-    when the program is not compiled or either graph cannot be made.
+    whose number is an input, so every trajectory length runs the same graph. The draws are
+    made first, from ``generator``. Where the program is not compiled or either graph cannot
+    be made, the same draws go to :func:`hmc.metropolis` with ``evaluate`` at every step.
     """
-    if traced is None or traced.fallback is not None:
-        return None
-    captured = static.captured(state.position, joint.x, joint.y, joint=joint)
-    if captured is None:
-        return None
-    data = (joint.x,) if joint.y is None else (joint.x, joint.y)
-    steps = torch.tensor(num_leapfrog, device=state.position.device)
-    out = traced([*captured.parameters, *captured.constants], *state, noise, uniform, step_size, inverse_mass, steps,
-                 *extra, *data, target=captured, kind=type(state), point=point, extra=len(extra),
-                 threshold=DIVERGENCE)
-    if out is None:
-        return None
-    return type(state)(*out[:len(state)]), hmc.HMCInfo(*out[len(state):])
+    noise, uniform = hmc.draws(state, generator)
+    captured = None if traced is None or traced.fallback is not None else \
+        static.captured(state.position, joint.x, joint.y, joint=joint)
+    if captured is not None:
+        data = (joint.x,) if joint.y is None else (joint.x, joint.y)
+        steps = torch.tensor(num_leapfrog, device=state.position.device)
+        out = traced([*captured.parameters, *captured.constants], *state, noise, uniform, step_size, inverse_mass,
+                     steps, *extra, *data, target=captured, kind=type(state), point=point, extra=len(extra),
+                     threshold=DIVERGENCE)
+        if out is not None:
+            return type(state)(*out[:len(state)]), hmc.HMCInfo(*out[len(state):])
+    return hmc.metropolis(state, noise, uniform, hmc.integrator(evaluate), step_size, inverse_mass, num_leapfrog,
+                          DIVERGENCE)
 
 
 def _hmc_point(u, outputs):
@@ -224,28 +225,16 @@ def _hmc_point(u, outputs):
 
 
 def _transitions(joint: LogJoint, evaluate: Callable[[torch.Tensor], hmc.HMCState]) -> Callable:
-    """``(state, step_size, inverse_mass, num_leapfrog, generator) -> (state, info)``: one HMC transition.
+    """``(state, step_size, inverse_mass, num_leapfrog, generator) -> (state, info)``: one HMC transition
+    (:func:`compiled_transition`: one compiled call on a compiled program, else ``evaluate`` at every step)."""
+    paths = dict(evaluate=evaluate, point=_hmc_point,
+                 traced=traced_path(traced_transition, joint.model, "HMC transition"),
+                 static=static_path(_target_and_grad, joint.model, "HMC log-joint and gradient", inner_grad=True))
 
-    Where the program is compiled, everything but the random draws is one compiled call
-    (:func:`compiled_transition`); otherwise, or where that graph cannot be made,
-    :func:`hmc.metropolis` with ``evaluate`` at every leapfrog step.
-    """
-    static = static_path(_target_and_grad, joint.model, "HMC log-joint and gradient", inner_grad=True)
-    traced = traced_path(traced_transition, joint.model, "HMC transition")
+    def transition(state: hmc.HMCState, step_size, inverse_mass, num_leapfrog: int, generator):
+        return compiled_transition(joint, state, step_size, inverse_mass, num_leapfrog, generator, **paths)
 
-    def kernel(state: hmc.HMCState, step_size, inverse_mass, num_leapfrog: int, generator):
-        noise, uniform = hmc.draws(state, generator)
-        done = compiled_transition(traced, static, joint, state, noise, uniform, step_size, inverse_mass,
-                                   num_leapfrog, point=_hmc_point)
-        if done is not None:
-            return done
-
-        def integrate(start, momentum, eps, inv, steps):
-            return hmc.leapfrog(start, momentum, evaluate, eps, inv, steps)
-
-        return hmc.metropolis(state, noise, uniform, integrate, step_size, inverse_mass, num_leapfrog, DIVERGENCE)
-
-    return kernel
+    return transition
 
 
 def _jittered(num_leapfrog: int, generator: torch.Generator | None) -> int:

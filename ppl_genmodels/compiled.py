@@ -89,12 +89,17 @@ def static_path(fn: Callable, model: Callable, label: str, *, inner_grad: bool =
     One :class:`Static` per (program, label) lives as long as the program, so the
     graphs it captured serve every later call (every pass of an evaluation).
     """
+    return _program_path(model, label, lambda program: Static(fn, program, label=label, inner_grad=inner_grad))
+
+
+def _program_path(model: Callable, label: str, build: Callable):
+    """The compiled program's path under ``label`` (``build(program)`` the first time), or None."""
     program = owner(model)
     if program is None or not program.acceleration["compile"]:
         return None
     table = _SHARED.setdefault(program, {})
     if label not in table:
-        table[label] = Static(fn, program, label=label, inner_grad=inner_grad)
+        table[label] = build(program)
     return table[label]
 
 
@@ -146,6 +151,14 @@ class _Entry:
         self.graph = graph
         self.exact, self.draws = exact, draws  # what the streams' Python counters did during the capture
         self.run: Callable | None = None
+        self._constants: list[torch.Tensor] | None = None
+
+    @property
+    def constants(self) -> list[torch.Tensor]:
+        """The graph's own constant tensors, in the order of :func:`_constant_names` (found once)."""
+        if self._constants is None:
+            self._constants = [getattr(self.graph, name) for name in _constant_names(self.graph)]
+        return self._constants
 
 
 class _Lifted(torch.fx.Interpreter):
@@ -262,8 +275,7 @@ class Static:
         entry = self.entries.get(signature) or self._new_entry(signature, named, tensors, None, options)
         if entry is None:
             return None
-        return Captured(entry.graph, [p for _, p in named],
-                        [getattr(entry.graph, name) for name in _constant_names(entry.graph)])
+        return Captured(entry.graph, [p for _, p in named], entry.constants)
 
     def _new_entry(self, signature, named, tensors, streams, options) -> "_Entry | None":
         """Capture a new signature; None (and the general path from now on) when that cannot be done."""
@@ -327,10 +339,7 @@ class Static:
                 tuple(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")))  # no argument: CUDA's only
 
     def _give_up(self, reason: str) -> None:
-        self.fallback = reason
-        self.entries.clear()
-        warnings.warn(f"{self.label}: the compiled path is off for this program ({reason}); it runs as written",
-                      stacklevel=3)
+        _give_up(self, reason)
 
     # --- capture --------------------------------------------------------------------------------------------
 
@@ -386,6 +395,14 @@ class Static:
             streams.exact = streams.exact and entry.exact
             streams._draws += entry.draws
         return out
+
+
+def _give_up(path: "Static | Traced", reason: str) -> None:
+    """The general path for good, for ``path``'s program: its graphs dropped, the reason in one warning."""
+    path.fallback = reason
+    path.entries.clear()
+    warnings.warn(f"{path.label}: the compiled path is off for this program ({reason}); it runs as written",
+                  stacklevel=4)
 
 
 def _first_call(entry: _Entry, args, compile: bool, label: str) -> tuple:
@@ -495,21 +512,12 @@ class Traced:
         return _Entry(graph, True, 0)
 
     def _give_up(self, reason: str) -> None:
-        self.fallback = reason
-        self.entries.clear()
-        warnings.warn(f"{self.label}: the compiled path is off for this program ({reason}); it runs as written",
-                      stacklevel=3)
+        _give_up(self, reason)
 
 
 def traced_path(fn: Callable, model: Callable, label: str) -> "Traced | None":
     """The program's own :class:`Traced` of ``fn`` under ``label`` (as :func:`static_path`), or None."""
-    program = owner(model)
-    if program is None or not program.acceleration["compile"]:
-        return None
-    table = _SHARED.setdefault(program, {})
-    if label not in table:
-        table[label] = Traced(fn, label=label)
-    return table[label]
+    return _program_path(model, label, lambda program: Traced(fn, label=label))
 
 
 # --- the inverse normal CDF in operations Inductor vectorizes ---------------------------------------------------
