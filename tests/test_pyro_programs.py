@@ -110,6 +110,25 @@ def test_tutorial_vae_through_evaluate_bdmc_and_compare(tutorial_run):
     assert len(gaps) == 2 and (tutorial_run / "compare" / "test-n2-hmc-c2-s10-w10" / "posterior.nc").is_file()
 
 
+@pytest.mark.slow
+def test_tutorial_vae_fitted_compiled_runs_its_hmc_and_ais_transitions_as_one_graph_each(digits784, tmp_path):
+    """``fit --compile on``: the run's later commands compile too, the HMC and AIS transitions each as one graph
+    (the leapfrog loop inside it), reported apart, with no fallback warning."""
+    out = tmp_path / "run"
+    done = _cli("fit", "--model", f"{PROGRAMS / 'tutorial_vae.py'}:VAE", "--data", digits784, "--epochs", "1",
+                "--z-dim", "4", "--model-arg", "hidden_dim=32", "--eval-k", "10", "--compile", "on", "--out", out,
+                "--quiet", "--no-plots")
+    assert done.returncode == 0, done.stderr
+    done = _cli("bdmc", out, "--count", "3", "--steps", "6", "--chains", "2", "--quiet")
+    assert done.returncode == 0 and "compiled path is off" not in done.stderr, done.stderr
+    assert "AIS transition: 1 graph(s)" in done.stdout
+    done = _cli("compare", out, "--count", "2", "--chains", "2", "--samples", "8", "--warmup", "8",
+                "--local-steps", "3", "--logp-k", "20", "--quiet")
+    assert done.returncode == 0 and "compiled path is off" not in done.stderr, done.stderr
+    assert "HMC transition: 1 graph(s)" in done.stdout
+    assert (out / "compare" / "test-n2-hmc-c2-s8-w8" / "posterior.nc").is_file()
+
+
 # --------------------------------------------------------------------------- #
 # Pyro's CVAE example shape: an instance around a pre-trained module, data in `ys`
 # --------------------------------------------------------------------------- #
